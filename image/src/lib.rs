@@ -1,0 +1,1 @@
+//! Image formats of dedup-snapshotter.
