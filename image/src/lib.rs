@@ -1,1 +1,3 @@
 //! Image formats of dedup-snapshotter.
+pub mod convert;
+pub mod index;

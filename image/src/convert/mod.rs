@@ -1,0 +1,13 @@
+//! Conversion: an ordinary OCI image → a deduplicated, chunked image.
+//!
+//! `tar_reader` cuts a layer's files into chunks and records its entries, `packer`
+//! groups chunks into content-defined packs of zstd frames, `layer` runs both over one
+//! streamed layer blob, and `image` drives a whole image from source to destination.
+
+pub mod layer;
+pub mod packer;
+pub mod tar_reader;
+
+pub use layer::{Compression, LayerError, LayerFacts, convert_layer};
+pub use packer::{CompressedPack, PackPolicy, PackSummary, decompress_chunk};
+pub use tar_reader::{ChunkingOptions, TarError, index_tar};
