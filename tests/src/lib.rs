@@ -1,1 +1,3 @@
-pub mod registry; pub mod fixtures;
+pub mod fixtures;
+pub mod proxy;
+pub mod registry;

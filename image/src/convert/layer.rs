@@ -14,37 +14,16 @@ use super::packer::{CompressedPack, PackJob, PackSummary, compress_pack};
 use super::tar_reader::{ChunkingOptions, TarError, index_tar};
 use crate::index::{LayerIndex, Sha256};
 
-/// How the layer blob is compressed.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Compression {
-    None,
-    Gzip,
-    Zstd,
-}
+pub use crate::oci::media_types::Compression;
 
-impl Compression {
-    /// From an OCI/Docker layer media type; None when the type says nothing.
-    pub fn from_media_type(mt: &str) -> Option<Compression> {
-        if mt.ends_with("+gzip") || mt.ends_with(".gzip") || mt.ends_with("tar.gzip") {
-            Some(Compression::Gzip)
-        } else if mt.ends_with("+zstd") || mt.ends_with(".zstd") {
-            Some(Compression::Zstd)
-        } else if mt.ends_with(".tar") || mt.ends_with("layer.v1.tar") {
-            Some(Compression::None)
-        } else {
-            None
-        }
-    }
-
-    /// From the first bytes of the blob, for media types that do not say.
-    pub fn sniff(head: &[u8]) -> Compression {
-        if head.starts_with(&[0x1f, 0x8b]) {
-            Compression::Gzip
-        } else if head.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]) {
-            Compression::Zstd
-        } else {
-            Compression::None
-        }
+/// The compression of a blob, from its first bytes (for media types that do not say).
+pub fn sniff_compression(head: &[u8]) -> Compression {
+    if head.starts_with(&[0x1f, 0x8b]) {
+        Compression::Gzip
+    } else if head.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]) {
+        Compression::Zstd
+    } else {
+        Compression::None
     }
 }
 
@@ -131,7 +110,7 @@ pub fn convert_layer<R: Read + Send>(
             let head = raw
                 .fill_buf()
                 .map_err(|e| LayerError::Decompress(e.to_string()))?;
-            Compression::sniff(head)
+            sniff_compression(head)
         }
     };
     let tar_state = Arc::new(Mutex::new((sha2::Sha256::new(), 0u64)));

@@ -8,6 +8,10 @@ pub mod layer;
 pub mod packer;
 pub mod tar_reader;
 
-pub use layer::{Compression, LayerError, LayerFacts, convert_layer};
+pub use layer::{Compression, LayerError, LayerFacts, convert_layer, sniff_compression};
 pub use packer::{CompressedPack, PackPolicy, PackSummary, decompress_chunk};
 pub use tar_reader::{ChunkingOptions, TarError, index_tar};
+pub mod image;
+mod progress;
+
+pub use image::{ConvertOptions, ConvertSummary, convert_image, format, host_platform};

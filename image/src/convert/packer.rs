@@ -20,12 +20,14 @@ pub struct PackPolicy {
 }
 
 impl Default for PackPolicy {
-    /// About 12 MiB of file data on average, which zstd turns into packs of a few MiB.
+    /// About 6 MiB of file data on average, which zstd turns into packs of 2–3 MiB:
+    /// large enough that neighbouring small files are one request away, small enough
+    /// that one changed file costs the registry little.
     fn default() -> Self {
         PackPolicy {
-            min: 4 << 20,
-            spread: 8 << 20,
-            max: 32 << 20,
+            min: 2 << 20,
+            spread: 4 << 20,
+            max: 16 << 20,
         }
     }
 }

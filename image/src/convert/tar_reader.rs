@@ -216,20 +216,20 @@ impl State {
         let path = normalize_path(raw_path).map_err(|e| e.to_string())?;
         let pax = Pax::read(entry)?;
         let mode = header.mode().map_err(|e| format!("bad mode field: {e}"))? & 0o7777;
-        let uid = pax
-            .uid
-            .map_or_else(|| header.uid().map_err(|e| format!("bad uid: {e}")), Ok)?;
-        let gid = pax
-            .gid
-            .map_or_else(|| header.gid().map_err(|e| format!("bad gid: {e}")), Ok)?;
+        let old = header.as_old();
+        let uid = match pax.uid {
+            Some(v) => v,
+            None => numeric(header.uid(), &old.uid, "uid")?,
+        };
+        let gid = match pax.gid {
+            Some(v) => v,
+            None => numeric(header.gid(), &old.gid, "gid")?,
+        };
         let uid = u32::try_from(uid).map_err(|_| format!("uid {uid} does not fit 32 bits"))?;
         let gid = u32::try_from(gid).map_err(|_| format!("gid {gid} does not fit 32 bits"))?;
         let (mtime, mtime_nsec) = match pax.mtime {
             Some(t) => t,
-            None => (
-                header.mtime().map_err(|e| format!("bad mtime: {e}"))? as i64,
-                0,
-            ),
+            None => (numeric(header.mtime(), &old.mtime, "mtime")? as i64, 0),
         };
         let mut base = Entry {
             path: path.clone(),
@@ -439,6 +439,16 @@ impl State {
                 }
             }
         }
+    }
+}
+
+/// A numeric header field; an all-NUL/space field reads as 0, as in Go's archive/tar
+/// (some writers leave fields they do not know empty).
+fn numeric(parsed: std::io::Result<u64>, raw: &[u8], name: &str) -> Result<u64, String> {
+    match parsed {
+        Ok(v) => Ok(v),
+        Err(_) if raw.iter().all(|&b| b == 0 || b == b' ') => Ok(0),
+        Err(e) => Err(format!("bad {name} field: {e}")),
     }
 }
 
