@@ -1,3 +1,5 @@
 pub mod fixtures;
 pub mod proxy;
 pub mod registry;
+pub mod containerd;
+pub mod mounts;
