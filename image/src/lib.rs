@@ -5,6 +5,7 @@
 pub mod convert;
 pub mod converted;
 pub mod endpoint;
+pub mod erofs;
 pub mod fetch;
 pub mod index;
 pub mod oci;

@@ -1,5 +1,6 @@
+pub mod containerd;
+pub mod daemon;
 pub mod fixtures;
+pub mod mounts;
 pub mod proxy;
 pub mod registry;
-pub mod containerd;
-pub mod mounts;

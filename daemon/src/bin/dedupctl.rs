@@ -1,12 +1,17 @@
-//! dedupctl: convert and push images, and check converted ones. The commands only parse
-//! arguments and call the library.
+//! dedupctl: convert and push images, check converted ones, mount them on this node
+//! without a daemon, and look after the node store. The commands only parse arguments
+//! and call the library.
 
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
+use dedup_daemon::client;
+use dedup_daemon::local_mount::{self, DEFAULT_ROOT, MountOptions, NodeRoot};
+use dedup_daemon::store::StoreOptions;
 use dedup_image::convert::{self, ChunkingOptions, ConvertOptions};
 use dedup_image::endpoint::Endpoint;
 use dedup_image::registry::{ClientOptions, Credentials};
@@ -21,6 +26,9 @@ struct Cli {
     /// Log filter (tracing EnvFilter syntax), e.g. `debug` or `dedup_image=trace`.
     #[arg(long, env = "DEDUP_LOG", default_value = "warn", global = true)]
     log: String,
+    /// dedupd's control socket (mount without --local, umount, status, metrics).
+    #[arg(long, env = client::SOCKET_ENV, default_value = client::DEFAULT_SOCKET, global = true)]
+    socket: PathBuf,
     #[command(subcommand)]
     command: Command,
 }
@@ -34,6 +42,77 @@ enum Command {
     Convert(ConvertArgs),
     /// Fetch every chunk of a converted image and verify it.
     Check(CheckArgs),
+    /// Mount a converted image read-only at DIR.
+    ///
+    /// Without --local, dedupd (on --socket) mounts it lazily: chunks are fetched when
+    /// first read.
+    ///
+    /// With --local no daemon is involved: every chunk the node
+    /// store lacks is fetched first, each layer gets its EROFS metadata (written and
+    /// checked here) and a file-backed EROFS mount on the store, and the layers are
+    /// stacked at DIR with overlayfs.
+    Mount(MountArgs),
+    /// Unmount an image mounted with `dedupctl mount`, and the layer mounts no other
+    /// image mount uses. A mount dedupd made (when it answers on --socket) is
+    /// unmounted by dedupd.
+    Umount(UmountArgs),
+    /// Show the node store's figures and the image mounts.
+    Stats(RootArgs),
+    /// Release the layers no image mount uses and give their chunks' space back.
+    Gc(RootArgs),
+    /// Ask dedupd for its mode, images, mounts and store usage.
+    Status,
+    /// Print dedupd's metrics (Prometheus text format).
+    Metrics,
+}
+
+#[derive(Args)]
+struct RootArgs {
+    /// The node's state directory (store, layer metadata, mounts).
+    #[arg(long, env = "DEDUP_ROOT", default_value = DEFAULT_ROOT)]
+    root: PathBuf,
+    /// Free space (bytes, K or M suffix) the store leaves on its filesystem.
+    #[arg(long, default_value = "128M", value_parser = parse_size)]
+    reserve: u64,
+}
+
+impl RootArgs {
+    fn node_root(&self) -> Result<NodeRoot> {
+        let root = std::path::absolute(&self.root)
+            .with_context(|| format!("--root {}", self.root.display()))?;
+        NodeRoot::new(&root)
+    }
+
+    fn store_options(&self) -> StoreOptions {
+        StoreOptions {
+            reserve_bytes: self.reserve,
+        }
+    }
+}
+
+#[derive(Args)]
+struct MountArgs {
+    /// Mount without a daemon: fetch the whole image into the node store first.
+    #[arg(long)]
+    local: bool,
+    #[command(flatten)]
+    registry: RegistryArgs,
+    #[command(flatten)]
+    root: RootArgs,
+    /// Concurrent Range requests while fetching.
+    #[arg(long, default_value_t = 8)]
+    concurrency: usize,
+    /// The converted image (host/repo:tag, host/repo@digest or oci:<path>:tag).
+    image: String,
+    /// An existing directory.
+    dir: PathBuf,
+}
+
+#[derive(Args)]
+struct UmountArgs {
+    #[command(flatten)]
+    root: RootArgs,
+    dir: PathBuf,
 }
 
 #[derive(Args)]
@@ -107,6 +186,7 @@ fn parse_size(s: &str) -> Result<u64, String> {
 }
 
 async fn run(cli: Cli) -> Result<()> {
+    let socket = cli.socket;
     match cli.command {
         Command::Convert(a) => {
             let ropts = a.registry.options()?;
@@ -149,6 +229,108 @@ async fn run(cli: Cli) -> Result<()> {
             }
             println!("{}", summary.line());
         }
+        Command::Mount(a) if !a.local => daemon_mount(&socket, &a).await?,
+        Command::Mount(a) => {
+            let ropts = a.registry.options()?;
+            let root = a.root.node_root()?;
+            let src = Arc::new(Endpoint::parse(&a.image, &ropts).with_context(|| a.image.clone())?);
+            let opts = MountOptions {
+                concurrency: a.concurrency,
+                store: a.root.store_options(),
+            };
+            let r = local_mount::mount_image(&root, src, &a.dir, &opts)
+                .await
+                .with_context(|| format!("mounting {} at {}", a.image, a.dir.display()))?;
+            let f = &r.fill;
+            println!(
+                "{} on {}: {} layers ({:?}, {} shared with other mounts); {} chunks, {} already \
+                 in the store, {} fetched ({}) with {} requests ({}) in {:.2}s; total {:.2}s",
+                a.image,
+                r.target.display(),
+                r.layers.len(),
+                r.kind,
+                r.layers.iter().filter(|l| l.shared_mount).count(),
+                f.chunks,
+                f.present,
+                f.fetched,
+                convert::image::human(f.fetched_bytes),
+                f.requests,
+                convert::image::human(f.transferred_bytes),
+                f.elapsed.as_secs_f64(),
+                r.total_time.as_secs_f64(),
+            );
+        }
+        Command::Umount(a) if daemon_umount(&socket, &a.dir).await? => {}
+        Command::Umount(a) => {
+            let root = a.root.node_root()?;
+            let r = local_mount::umount_image(&root, &a.dir)?;
+            println!(
+                "{}: unmounted, with {} layer mounts ({} kept for other mounts)",
+                a.dir.display(),
+                r.layers_unmounted,
+                r.layers_kept
+            );
+        }
+        Command::Stats(a) => {
+            let root = a.node_root()?;
+            let (s, mounts) = local_mount::stats(&root, a.store_options())?;
+            let h = convert::image::human;
+            println!("store:       {}", root.path().join("store").display());
+            println!(
+                "chunks:      {} ({} present, {} of chunk data)",
+                s.chunks,
+                s.present_chunks,
+                h(s.chunk_bytes)
+            );
+            println!("owners:      {} layers, {} references", s.owners, s.refs);
+            println!("slots:       {} ({} free)", s.slots, s.free_slots);
+            println!(
+                "store file:  {} allocated, {} apparent",
+                h(s.allocated_bytes),
+                h(s.file_size)
+            );
+            println!("filesystem:  {} free of {}", h(s.fs_free), h(s.fs_total));
+            println!("mounts:      {}", mounts.len());
+            for m in mounts {
+                println!(
+                    "  {}  {} ({} layers)",
+                    m.target.display(),
+                    m.image,
+                    m.layers.len()
+                );
+            }
+        }
+        Command::Gc(a) => {
+            let root = a.node_root()?;
+            let r = local_mount::gc(&root, a.store_options())?;
+            println!(
+                "released {} layers ({} chunks, {} metadata files, {} stray layer mounts); \
+                 freed {} ({} -> {} allocated)",
+                r.owners_released,
+                r.chunks_freed,
+                r.metadata_removed,
+                r.stray_layer_mounts,
+                convert::image::human(r.bytes_freed()),
+                convert::image::human(r.store.allocated_before),
+                convert::image::human(r.store.allocated_after),
+            );
+        }
+        Command::Status => {
+            let mut c = client::connect(&socket).await?;
+            let s = c
+                .status(client::proto::StatusRequest {})
+                .await
+                .map_err(|e| client::rpc_error("status", e))?;
+            print!("{}", client::format_status(s.get_ref()));
+        }
+        Command::Metrics => {
+            let mut c = client::connect(&socket).await?;
+            let m = c
+                .metrics(client::proto::MetricsRequest {})
+                .await
+                .map_err(|e| client::rpc_error("metrics", e))?;
+            print!("{}", m.get_ref().prometheus_text);
+        }
         Command::Check(a) => {
             let ropts = a.registry.options()?;
             let src = Arc::new(Endpoint::parse(&a.image, &ropts).with_context(|| a.image.clone())?);
@@ -165,6 +347,58 @@ async fn run(cli: Cli) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// `mount` without --local: dedupd mounts the image lazily.
+async fn daemon_mount(socket: &std::path::Path, a: &MountArgs) -> Result<()> {
+    if a.registry.user.is_some() {
+        anyhow::bail!("--user only applies to --local mounts: dedupd uses its own credentials");
+    }
+    let target = std::fs::canonicalize(&a.dir).with_context(|| a.dir.display().to_string())?;
+    let mut c = client::connect(socket).await?;
+    let r = c
+        .mount(client::proto::MountRequest {
+            reference: a.image.clone(),
+            target: target.to_string_lossy().into_owned(),
+            plain_http: a.registry.plain_http,
+        })
+        .await
+        .map_err(|e| {
+            client::rpc_error(&format!("mounting {} at {}", a.image, a.dir.display()), e)
+        })?;
+    print!("{}", client::format_mount(&target, r.get_ref()));
+    Ok(())
+}
+
+/// `umount`: if dedupd runs and `dir` is one of its mounts, it unmounts it (true);
+/// otherwise the caller unmounts a local mount (false).
+async fn daemon_umount(socket: &std::path::Path, dir: &std::path::Path) -> Result<bool> {
+    if !client::daemon_answers(socket) {
+        return Ok(false);
+    }
+    let Ok(mut c) = client::connect(socket).await else {
+        return Ok(false);
+    };
+    let st = c
+        .status(client::proto::StatusRequest {})
+        .await
+        .map_err(|e| client::rpc_error("status", e))?;
+    let absolute = std::path::absolute(dir)?;
+    let canonical = std::fs::canonicalize(dir).unwrap_or_else(|_| absolute.clone());
+    let Some(m) = st.get_ref().mounts.iter().find(|m| {
+        let t = std::path::Path::new(&m.target);
+        t == absolute || t == canonical
+    }) else {
+        return Ok(false);
+    };
+    let target = m.target.clone();
+    c.unmount(client::proto::UnmountRequest {
+        target: target.clone(),
+    })
+    .await
+    .map_err(|e| client::rpc_error(&format!("umount {target}"), e))?;
+    println!("{target}: unmounted by dedupd");
+    Ok(true)
 }
 
 fn main() -> ExitCode {

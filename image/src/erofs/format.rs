@@ -179,6 +179,10 @@ pub fn xattr_icount(size: usize) -> Option<u16> {
     u16::try_from(rest / 4 + 1).ok()
 }
 
+/// Longest symlink target the kernel gives back: it terminates a link read from a
+/// page at `PAGE_SIZE - 1` bytes (`nd_terminate_link`), so a longer one would be cut.
+pub const SYMLINK_MAX: usize = BLOCK_SIZE - 1;
+
 pub const DIRENT_SIZE: usize = 12;
 /// Longest file name.
 pub const NAME_LEN: usize = 255;
@@ -702,7 +706,10 @@ pub fn dir_data_size(name_lens: &[usize]) -> usize {
     let Some(last) = runs.last() else {
         return 0;
     };
-    let used: usize = name_lens[last.clone()].iter().map(|l| DIRENT_SIZE + l).sum();
+    let used: usize = name_lens[last.clone()]
+        .iter()
+        .map(|l| DIRENT_SIZE + l)
+        .sum();
     (runs.len() - 1) * BLOCK_SIZE + used
 }
 
@@ -772,7 +779,9 @@ mod tests {
 
     #[test]
     fn dir_blocks_pack_and_size_agree() {
-        let names: Vec<Vec<u8>> = (0..1000).map(|i| format!("name-{i:05}").into_bytes()).collect();
+        let names: Vec<Vec<u8>> = (0..1000)
+            .map(|i| format!("name-{i:05}").into_bytes())
+            .collect();
         let mut sorted: Vec<&[u8]> = names.iter().map(|n| n.as_slice()).collect();
         sorted.sort();
         let entries: Vec<(&[u8], u64, u8)> = sorted.iter().map(|n| (*n, 7, FT_REG_FILE)).collect();
@@ -808,7 +817,7 @@ mod tests {
             xattr_icount: 4,
             mode: S_IFREG | 0o4755,
             size: 5 << 30,
-            i_u: CHUNK_FORMAT_INDEXES | 8,
+            i_u: (CHUNK_FORMAT_INDEXES | 8) as u32,
             ino: 3,
             uid: 4_000_000_000,
             gid: 7,

@@ -8,8 +8,8 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 
 use super::format::{
-    self, NAME_LEN, OVERLAY_OPAQUE_VALUE, OVERLAY_OPAQUE_XATTR, S_IFBLK, S_IFCHR, S_IFDIR,
-    S_IFIFO, S_IFLNK, S_IFREG, XATTR_NAME_MAX, XATTR_VALUE_MAX,
+    self, NAME_LEN, OVERLAY_OPAQUE_VALUE, OVERLAY_OPAQUE_XATTR, S_IFBLK, S_IFCHR, S_IFDIR, S_IFIFO,
+    S_IFLNK, S_IFREG, XATTR_NAME_MAX, XATTR_VALUE_MAX,
 };
 use super::writer::{DeviceSpec, WriteError};
 use crate::index::path::{MAX_PATH, is_canonical, split_parent};
@@ -108,10 +108,13 @@ pub(super) fn build(
     }
     let mut b = Builder {
         index,
-        by_path: index.entries.iter().map(|e| (e.path.as_slice(), e)).collect(),
+        by_path: index
+            .entries
+            .iter()
+            .map(|e| (e.path.as_slice(), e))
+            .collect(),
         locate,
         device,
-        chunk_bits,
         build_time,
         nodes: vec![default_dir(Vec::new(), ROOT, build_time)],
     };
@@ -125,10 +128,16 @@ pub(super) fn build(
     }
     // Parents sort before their children, so an explicit directory is always seen
     // before anything inside it; hard links come last, when every target exists.
-    for e in sorted.iter().filter(|e| !matches!(e.kind, EntryKind::Hardlink { .. })) {
+    for e in sorted
+        .iter()
+        .filter(|e| !matches!(e.kind, EntryKind::Hardlink { .. }))
+    {
         b.add_entry(e)?;
     }
-    for e in sorted.iter().filter(|e| matches!(e.kind, EntryKind::Hardlink { .. })) {
+    for e in sorted
+        .iter()
+        .filter(|e| matches!(e.kind, EntryKind::Hardlink { .. }))
+    {
         b.add_hardlink(e)?;
     }
 
@@ -160,7 +169,6 @@ struct Builder<'a> {
     by_path: HashMap<&'a [u8], &'a Entry>,
     locate: &'a dyn Fn(&ChunkRef) -> Option<u64>,
     device: &'a DeviceSpec,
-    chunk_bits: u32,
     build_time: i64,
     nodes: Vec<Node>,
 }
@@ -271,15 +279,24 @@ impl Builder<'_> {
             }
             EntryKind::File { size, data } => (S_IFREG | perm, self.file_body(e, *size, data)?),
             EntryKind::Symlink { target } => {
-                if target.is_empty() || target.contains(&0) || target.len() > MAX_PATH {
+                if target.is_empty() || target.contains(&0) {
+                    return Err(invalid(&e.path, "symlink target is empty or contains NUL"));
+                }
+                if target.len() > format::SYMLINK_MAX {
                     return Err(invalid(
                         &e.path,
-                        "symlink target is empty, too long or contains NUL",
+                        format!(
+                            "symlink target of {} bytes is longer than the {} the kernel returns",
+                            target.len(),
+                            format::SYMLINK_MAX
+                        ),
                     ));
                 }
                 (S_IFLNK | perm, Body::Flat(target.clone()))
             }
-            EntryKind::CharDevice { major, minor } => (S_IFCHR | perm, self.rdev(e, *major, *minor)?),
+            EntryKind::CharDevice { major, minor } => {
+                (S_IFCHR | perm, self.rdev(e, *major, *minor)?)
+            }
             EntryKind::BlockDevice { major, minor } => {
                 (S_IFBLK | perm, self.rdev(e, *major, *minor)?)
             }
@@ -400,16 +417,18 @@ impl Builder<'_> {
     }
 
     fn rdev(&self, e: &Entry, major: u32, minor: u32) -> Result<Body, WriteError> {
-        format::encode_rdev(major, minor).map(Body::Device).ok_or_else(|| {
-            invalid(
-                &e.path,
-                format!(
-                    "device number {major}:{minor} does not fit (major ≤ {}, minor ≤ {})",
-                    format::RDEV_MAJOR_MAX,
-                    format::RDEV_MINOR_MAX
-                ),
-            )
-        })
+        format::encode_rdev(major, minor)
+            .map(Body::Device)
+            .ok_or_else(|| {
+                invalid(
+                    &e.path,
+                    format!(
+                        "device number {major}:{minor} does not fit (major ≤ {}, minor ≤ {})",
+                        format::RDEV_MAJOR_MAX,
+                        format::RDEV_MINOR_MAX
+                    ),
+                )
+            })
     }
 
     fn file_body(&self, e: &Entry, size: u64, data: &FileData) -> Result<Body, WriteError> {
@@ -423,6 +442,9 @@ impl Builder<'_> {
                 }
                 Ok(Body::Flat(bytes.clone()))
             }
+            // An empty file is written flat whatever the index says: a chunk-based
+            // inode needs at least one chunk.
+            FileData::Chunks(ids) if size == 0 && ids.is_empty() => Ok(Body::Flat(Vec::new())),
             FileData::Chunks(ids) => {
                 let cs = self.index.chunk_size as u64;
                 let expected = size.div_ceil(cs);
@@ -439,13 +461,19 @@ impl Builder<'_> {
                 let mut blocks = Vec::with_capacity(ids.len());
                 for (i, &id) in ids.iter().enumerate() {
                     let c = self.index.chunks.get(id as usize).ok_or_else(|| {
-                        invalid(&e.path, format!("chunk {i} names chunk id {id}, out of range"))
+                        invalid(
+                            &e.path,
+                            format!("chunk {i} names chunk id {id}, out of range"),
+                        )
                     })?;
                     let want = (size - i as u64 * cs).min(cs);
                     if c.size as u64 != want {
                         return Err(invalid(
                             &e.path,
-                            format!("chunk {i} ({}) is {} bytes, expected {want}", c.digest, c.size),
+                            format!(
+                                "chunk {i} ({}) is {} bytes, expected {want}",
+                                c.digest, c.size
+                            ),
                         ));
                     }
                     let addr = (self.locate)(c).ok_or_else(|| WriteError::ChunkNotInStore {
@@ -463,7 +491,9 @@ impl Builder<'_> {
                         ));
                     }
                     if addr >= format::NULL_ADDR as u64
-                        || addr.checked_add(used).is_none_or(|end| end > self.device.blocks)
+                        || addr
+                            .checked_add(used)
+                            .is_none_or(|end| end > self.device.blocks)
                     {
                         return Err(invalid(
                             &e.path,
@@ -495,7 +525,10 @@ fn convert_xattrs(e: &Entry) -> Result<Vec<Xattr>, WriteError> {
             )
         })?;
         if suffix.len() > XATTR_NAME_MAX {
-            return Err(invalid(&e.path, format!("xattr {shown_name}: name too long")));
+            return Err(invalid(
+                &e.path,
+                format!("xattr {shown_name}: name too long"),
+            ));
         }
         if value.len() > XATTR_VALUE_MAX {
             return Err(invalid(

@@ -17,11 +17,11 @@
 use std::collections::BTreeMap;
 
 use super::format::{
-    self, BLOCK_SIZE, CHUNK_FORMAT_INDEXES, CHUNK_INDEX_SIZE, COMPACT_INODE_SIZE,
-    DEVICE_SLOT_SIZE, DEVICE_TAG_LEN, DeviceSlotRaw, DiskInode, EXTENDED_INODE_SIZE,
-    INODE_SLOT_SIZE, LAYOUT_CHUNK_BASED, LAYOUT_FLAT_INLINE, LAYOUT_FLAT_PLAIN,
-    MAX_SHARED_XATTRS_PER_INODE, NULL_ADDR, SEAL_MAGIC, SEAL_OFFSET, SEAL_SIZE, SEAL_VERSION,
-    SUPER_OFFSET, SUPER_SIZE, SuperBlock, XattrIbodyHeader, align_up,
+    self, BLOCK_SIZE, CHUNK_FORMAT_INDEXES, CHUNK_INDEX_SIZE, COMPACT_INODE_SIZE, DEVICE_SLOT_SIZE,
+    DEVICE_TAG_LEN, DeviceSlotRaw, DiskInode, EXTENDED_INODE_SIZE, INODE_SLOT_SIZE,
+    LAYOUT_CHUNK_BASED, LAYOUT_FLAT_INLINE, LAYOUT_FLAT_PLAIN, MAX_SHARED_XATTRS_PER_INODE,
+    NULL_ADDR, SEAL_MAGIC, SEAL_OFFSET, SEAL_SIZE, SEAL_VERSION, SUPER_OFFSET, SUPER_SIZE,
+    SuperBlock, XattrIbodyHeader, align_up,
 };
 use super::tree::{self, Body, Node, Tree, Xattr};
 use crate::index::{ChunkRef, LayerIndex, Sha256};
@@ -183,7 +183,7 @@ fn xattr_body(node: &Node, shared: &SharedXattrs) -> Result<Vec<u8>, WriteError>
 }
 
 /// Directory entries of `node` (with `.` and `..`), sorted by name.
-fn dir_entries<'t>(tree: &'t Tree, id: usize) -> Vec<(&'t [u8], usize)> {
+fn dir_entries(tree: &Tree, id: usize) -> Vec<(&[u8], usize)> {
     let Body::Dir { parent, children } = &tree.nodes[id].body else {
         return Vec::new();
     };
@@ -459,8 +459,8 @@ fn seal(img: &mut [u8]) {
 
 #[allow(dead_code)]
 const _: () = {
-    assert!(COMPACT_INODE_SIZE % INODE_SLOT_SIZE == 0);
-    assert!(EXTENDED_INODE_SIZE % INODE_SLOT_SIZE == 0);
+    assert!(COMPACT_INODE_SIZE.is_multiple_of(INODE_SLOT_SIZE));
+    assert!(EXTENDED_INODE_SIZE.is_multiple_of(INODE_SLOT_SIZE));
     assert!(SEAL_OFFSET >= SUPER_OFFSET + SUPER_SIZE + DEVICE_SLOT_SIZE);
     assert!(SEAL_OFFSET + SEAL_SIZE <= BLOCK_SIZE);
 };

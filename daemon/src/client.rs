@@ -1,0 +1,226 @@
+//! Client side of dedupd's control API (for dedupctl and the shim): connect over the
+//! unix socket, and turn replies into text.
+
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+pub use dedup_proto::daemon as proto;
+use hyper_util::rt::TokioIo;
+use tokio::net::UnixStream;
+use tonic::transport::{Channel, Endpoint};
+
+pub use proto::daemon_client::DaemonClient;
+
+/// Where dedupd listens unless told otherwise.
+pub const DEFAULT_SOCKET: &str = "/run/dedupd/dedupd.sock";
+/// Environment variable that overrides [`DEFAULT_SOCKET`] for dedupctl.
+pub const SOCKET_ENV: &str = "DEDUPD_SOCKET";
+
+/// Largest reply accepted (traces and status lists can be large).
+const MAX_REPLY: usize = 128 << 20;
+
+/// Connect to dedupd's control socket.
+///
+/// Fails with a message saying what is wrong when the daemon is not running (no
+/// socket file, or a stale one nothing listens on) or when the socket is not ours to
+/// open (it is root's, mode 0600).
+pub async fn connect(socket: &Path) -> Result<DaemonClient<Channel>> {
+    let first = connect_stream(socket).await?;
+    // Hand the stream we just opened to the channel; reconnects open new ones.
+    let first = Arc::new(Mutex::new(Some(first)));
+    let path: PathBuf = socket.to_path_buf();
+    let connector = tower::service_fn(move |_: tonic::transport::Uri| {
+        let path = path.clone();
+        let first = first.lock().expect("not poisoned").take();
+        async move {
+            let stream = match first {
+                Some(s) => s,
+                None => UnixStream::connect(&path).await?,
+            };
+            Ok::<_, io::Error>(TokioIo::new(stream))
+        }
+    });
+    // The URI is a placeholder: the connector ignores it.
+    let channel = Endpoint::from_static("http://dedupd.invalid")
+        .connect_timeout(Duration::from_secs(5))
+        .connect_with_connector(connector)
+        .await
+        .with_context(|| format!("connecting to dedupd on {}", socket.display()))?;
+    Ok(DaemonClient::new(channel).max_decoding_message_size(MAX_REPLY))
+}
+
+async fn connect_stream(socket: &Path) -> Result<UnixStream> {
+    match UnixStream::connect(socket).await {
+        Ok(s) => Ok(s),
+        Err(e) => {
+            let shown = socket.display();
+            match e.kind() {
+                io::ErrorKind::NotFound => {
+                    bail!("is dedupd running? no socket at {shown}")
+                }
+                io::ErrorKind::ConnectionRefused => {
+                    bail!("is dedupd running? nothing listens on {shown} (stale socket)")
+                }
+                io::ErrorKind::PermissionDenied => {
+                    bail!("permission denied on {shown}: the control socket is only for root")
+                }
+                _ => Err(e).with_context(|| format!("connecting to {shown}")),
+            }
+        }
+    }
+}
+
+/// Whether `socket` exists and something answers on it.
+pub fn daemon_answers(socket: &Path) -> bool {
+    std::os::unix::net::UnixStream::connect(socket).is_ok()
+}
+
+/// An error from a control RPC as one line: "<what>: <message> (<code>)", instead
+/// of tonic's debug-style Display.
+pub fn rpc_error(what: &str, status: tonic::Status) -> anyhow::Error {
+    let msg = status.message();
+    let code = status.code();
+    if msg.is_empty() {
+        anyhow::anyhow!("{what}: {}", code.description())
+    } else {
+        anyhow::anyhow!("{what}: {msg} ({code:?})")
+    }
+}
+
+/// Bytes as B, KiB, MiB, GiB, TiB.
+pub fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u + 1 < UNITS.len() {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
+}
+
+/// Lines describing an image.
+pub fn format_image(img: &proto::ImageInfo) -> String {
+    let mut out = format!(
+        "{} ({}), {} layers, {}\n",
+        img.reference,
+        if img.manifest_digest.is_empty() {
+            img.image_id.as_str()
+        } else {
+            img.manifest_digest.as_str()
+        },
+        img.layers.len(),
+        human_bytes(img.total_bytes)
+    );
+    for l in &img.layers {
+        out.push_str(&format!(
+            "  {} {} chunks, {}\n",
+            l.index_digest,
+            l.chunks,
+            human_bytes(l.chunk_bytes)
+        ));
+    }
+    out
+}
+
+/// What `dedupctl mount` prints.
+pub fn format_mount(target: &Path, m: &proto::MountResponse) -> String {
+    let mut out = String::new();
+    if let Some(img) = &m.image {
+        out.push_str(&format_image(img));
+    }
+    out.push_str(&format!(
+        "mounted on {} ({} layer mounts, {} of layer indexes fetched)\n",
+        target.display(),
+        m.layer_mounts.len(),
+        human_bytes(m.index_bytes_fetched)
+    ));
+    out
+}
+
+/// What `dedupctl status` prints.
+pub fn format_status(s: &proto::StatusResponse) -> String {
+    let mut out = format!(
+        "dedupd pid {}, mode {}, up {}s\n",
+        s.pid,
+        if s.mode.is_empty() { "-" } else { &s.mode },
+        s.uptime_seconds
+    );
+    if let Some(st) = &s.store {
+        out.push_str(&format!(
+            "store: {} chunks, {} of chunk data, {} allocated, {} free on the filesystem\n",
+            st.chunks,
+            human_bytes(st.chunk_bytes),
+            human_bytes(st.allocated_bytes),
+            human_bytes(st.fs_free)
+        ));
+    }
+    out.push_str(&format!("images: {}\n", s.images.len()));
+    for img in &s.images {
+        for line in format_image(img).lines() {
+            out.push_str("  ");
+            out.push_str(line);
+            out.push('\n');
+        }
+    }
+    out.push_str(&format!("mounts: {}\n", s.mounts.len()));
+    for m in &s.mounts {
+        out.push_str(&format!("  {} {}\n", m.target, m.reference));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(human_bytes(0), "0 B");
+        assert_eq!(human_bytes(1023), "1023 B");
+        assert_eq!(human_bytes(1536), "1.5 KiB");
+        assert_eq!(human_bytes(3 << 30), "3.0 GiB");
+    }
+
+    #[test]
+    fn status_text() {
+        let s = proto::StatusResponse {
+            mode: "fanotify".into(),
+            pid: 7,
+            uptime_seconds: 9,
+            images: vec![proto::ImageInfo {
+                reference: "r/a:1".into(),
+                manifest_digest: "sha256:ab".into(),
+                ..Default::default()
+            }],
+            mounts: vec![proto::MountEntry {
+                target: "/mnt/a".into(),
+                reference: "r/a:1".into(),
+            }],
+            store: Some(proto::StoreStatus::default()),
+        };
+        let t = format_status(&s);
+        assert!(t.contains("pid 7, mode fanotify"), "{t}");
+        assert!(t.contains("  /mnt/a r/a:1"), "{t}");
+        assert!(t.contains("r/a:1 (sha256:ab), 0 layers"), "{t}");
+    }
+
+    #[tokio::test]
+    async fn no_socket_message() {
+        let dir = tempfile::tempdir().unwrap();
+        let err = connect(&dir.path().join("none.sock")).await.unwrap_err();
+        assert!(format!("{err:#}").contains("is dedupd running? no socket at"));
+        // A stale socket: bound once, listener gone.
+        let p = dir.path().join("stale.sock");
+        drop(std::os::unix::net::UnixListener::bind(&p).unwrap());
+        let err = connect(&p).await.unwrap_err();
+        assert!(format!("{err:#}").contains("nothing listens"), "{err:#}");
+    }
+}

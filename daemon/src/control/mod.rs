@@ -1,0 +1,75 @@
+//! dedupd's control API server: the `dedup.daemon.v1.Daemon` gRPC service on a unix
+//! socket only root can use, and Prometheus text over HTTP.
+//!
+//! The daemon core implements [`DaemonOps`]; this module validates every request
+//! before it reaches the core, maps the core's errors to gRPC codes (see
+//! [`OpError`]), scrubs secrets out of error messages, and owns the socket file
+//! (stale-socket removal, mode 0600, refusing to start next to a live daemon).
+
+mod errors;
+mod metrics_http;
+mod service;
+mod socket;
+mod validate;
+
+use std::future::Future;
+use std::path::Path;
+use std::sync::Arc;
+
+pub use dedup_proto::daemon as proto;
+pub use errors::{ErrorKind, OpError, redact, to_status};
+pub use metrics_http::{bind_metrics, serve_metrics};
+pub use socket::{ControlSocket, bind};
+/// The attribute [`DaemonOps`] implementations need (`#[async_trait]`), re-exported.
+pub use tonic::async_trait;
+pub use validate::{MAX_PATH_BYTES, MAX_PLATFORM_BYTES, MAX_REFERENCE_BYTES};
+
+/// What the control API asks of the daemon core.
+///
+/// Arguments have been validated before a call: references are non-empty, at most
+/// [`MAX_REFERENCE_BYTES`] and free of whitespace and control characters; targets
+/// are absolute, not `/`, without `..` components or NUL bytes. Calls that change
+/// state (`register_image`, `mount`, `unmount`) run to completion even when the
+/// client goes away.
+///
+/// Errors become gRPC statuses: an [`OpError`] (or a [`tonic::Status`]) anywhere in
+/// the error chain gives the code, anything else is `Internal`. The message sent is
+/// the whole chain (`{:#}`) with credentials scrubbed ([`redact`]).
+#[async_trait]
+pub trait DaemonOps: Send + Sync + 'static {
+    /// Fetch, verify and register a converted image (idempotent).
+    async fn register_image(
+        &self,
+        reference: &str,
+        plain_http: bool,
+    ) -> anyhow::Result<proto::ImageInfo>;
+    /// Register the image if needed and mount it lazily at `target`.
+    async fn mount(
+        &self,
+        reference: &str,
+        target: &Path,
+        plain_http: bool,
+    ) -> anyhow::Result<proto::MountResponse>;
+    /// Undo a [`DaemonOps::mount`]; unknown target: `OpError::not_found`.
+    async fn unmount(&self, target: &Path) -> anyhow::Result<()>;
+    async fn status(&self) -> anyhow::Result<proto::StatusResponse>;
+    /// Prometheus text exposition format (version 0.0.4). Called on a blocking
+    /// thread, so it may take locks or query SQLite.
+    fn metrics_text(&self) -> String;
+    /// The recorded access trace of an image.
+    async fn export_trace(&self, reference: &str) -> anyhow::Result<Vec<u8>>;
+}
+
+/// Serve the control API on the unix socket `socket` until `shutdown` completes,
+/// then remove the socket file.
+///
+/// Fails at once if another live daemon answers on `socket`, if the path exists and
+/// is not a socket, or if the socket cannot be created; a stale socket file (nothing
+/// listening) is replaced. The socket is created with mode 0600 (see [`bind`]).
+pub async fn serve(
+    ops: Arc<dyn DaemonOps>,
+    socket: &Path,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
+    bind(socket)?.serve(ops, shutdown).await
+}

@@ -1,0 +1,164 @@
+//! The tonic `Daemon` service: validate, log, call the core, map errors.
+
+use std::pin::Pin;
+use std::sync::Arc;
+
+use futures_util::Stream;
+use tonic::{Request, Response, Status};
+use tracing::{debug, info, warn};
+
+use super::proto::daemon_server::Daemon;
+use super::proto::{
+    ExportTraceRequest, ImageInfo, MetricsRequest, MetricsResponse, MountRequest, MountResponse,
+    RegisterImageRequest, ReplayProgress, ReplayTraceRequest, StatusRequest, StatusResponse, Trace,
+    UnmountRequest, UnmountResponse,
+};
+use super::{DaemonOps, to_status, validate};
+
+/// Largest trace accepted by ReplayTrace (the gRPC message limit bounds it too).
+pub(crate) const MAX_TRACE_BYTES: usize = 64 << 20;
+
+pub(crate) struct ControlService {
+    pub(crate) ops: Arc<dyn DaemonOps>,
+}
+
+fn host_os_arch() -> (String, String) {
+    let p = dedup_image::convert::host_platform();
+    (p.os, p.architecture)
+}
+
+/// Map a core error to a status and log it: Internal at warn (the operator must
+/// see it), expected outcomes (NotFound, AlreadyExists, ...) at info.
+fn fail(method: &str, err: &anyhow::Error) -> Status {
+    let st = to_status(err);
+    if st.code() == tonic::Code::Internal {
+        warn!(method, code = ?st.code(), error = st.message(), "control request failed");
+    } else {
+        info!(method, code = ?st.code(), error = st.message(), "control request refused");
+    }
+    st
+}
+
+fn rejected(method: &str, st: Status) -> Status {
+    info!(method, error = st.message(), "control request rejected");
+    st
+}
+
+/// Run a state-changing call on its own task: if the client goes away, the call
+/// still finishes (a half-made mount is worse than an unanswered one).
+async fn detached<T: Send + 'static>(
+    method: &'static str,
+    fut: impl Future<Output = anyhow::Result<T>> + Send + 'static,
+) -> Result<T, Status> {
+    match tokio::spawn(fut).await {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(e)) => Err(fail(method, &e)),
+        Err(join) => {
+            warn!(method, error = %join, "control request task failed");
+            Err(Status::internal(format!(
+                "{method}: the daemon's handler failed"
+            )))
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl Daemon for ControlService {
+    async fn register_image(
+        &self,
+        req: Request<RegisterImageRequest>,
+    ) -> Result<Response<ImageInfo>, Status> {
+        const M: &str = "RegisterImage";
+        let r = req.into_inner();
+        validate::reference("reference", &r.reference).map_err(|e| rejected(M, e))?;
+        let (os, arch) = host_os_arch();
+        validate::platform("platform", &r.platform, &os, &arch).map_err(|e| rejected(M, e))?;
+        info!(reference = %r.reference, plain_http = r.plain_http, "RegisterImage");
+        let ops = self.ops.clone();
+        let info = detached(M, async move {
+            ops.register_image(&r.reference, r.plain_http).await
+        })
+        .await?;
+        Ok(Response::new(info))
+    }
+
+    async fn mount(&self, req: Request<MountRequest>) -> Result<Response<MountResponse>, Status> {
+        const M: &str = "Mount";
+        let r = req.into_inner();
+        validate::reference("reference", &r.reference).map_err(|e| rejected(M, e))?;
+        let target = validate::target("target", &r.target).map_err(|e| rejected(M, e))?;
+        info!(reference = %r.reference, target = %target.display(), plain_http = r.plain_http, "Mount");
+        let ops = self.ops.clone();
+        let resp = detached(M, async move {
+            ops.mount(&r.reference, &target, r.plain_http).await
+        })
+        .await?;
+        Ok(Response::new(resp))
+    }
+
+    async fn unmount(
+        &self,
+        req: Request<UnmountRequest>,
+    ) -> Result<Response<UnmountResponse>, Status> {
+        const M: &str = "Unmount";
+        let r = req.into_inner();
+        let target = validate::target("target", &r.target).map_err(|e| rejected(M, e))?;
+        info!(target = %target.display(), "Unmount");
+        let ops = self.ops.clone();
+        detached(M, async move { ops.unmount(&target).await }).await?;
+        Ok(Response::new(UnmountResponse {}))
+    }
+
+    async fn status(&self, _: Request<StatusRequest>) -> Result<Response<StatusResponse>, Status> {
+        debug!("Status");
+        let st = self.ops.status().await.map_err(|e| fail("Status", &e))?;
+        Ok(Response::new(st))
+    }
+
+    async fn metrics(
+        &self,
+        _: Request<MetricsRequest>,
+    ) -> Result<Response<MetricsResponse>, Status> {
+        debug!("Metrics");
+        let ops = self.ops.clone();
+        let prometheus_text = tokio::task::spawn_blocking(move || ops.metrics_text())
+            .await
+            .map_err(|e| {
+                warn!(error = %e, "metrics_text failed");
+                Status::internal("Metrics: the daemon's handler failed")
+            })?;
+        Ok(Response::new(MetricsResponse { prometheus_text }))
+    }
+
+    async fn export_trace(
+        &self,
+        req: Request<ExportTraceRequest>,
+    ) -> Result<Response<Trace>, Status> {
+        const M: &str = "ExportTrace";
+        let r = req.into_inner();
+        validate::reference("reference", &r.reference).map_err(|e| rejected(M, e))?;
+        debug!(reference = %r.reference, "ExportTrace");
+        let data = self
+            .ops
+            .export_trace(&r.reference)
+            .await
+            .map_err(|e| fail(M, &e))?;
+        Ok(Response::new(Trace { data }))
+    }
+
+    type ReplayTraceStream =
+        Pin<Box<dyn Stream<Item = Result<ReplayProgress, Status>> + Send + 'static>>;
+
+    async fn replay_trace(
+        &self,
+        req: Request<ReplayTraceRequest>,
+    ) -> Result<Response<Self::ReplayTraceStream>, Status> {
+        const M: &str = "ReplayTrace";
+        let r = req.into_inner();
+        validate::reference("reference", &r.reference).map_err(|e| rejected(M, e))?;
+        validate::bytes("data", &r.data, MAX_TRACE_BYTES).map_err(|e| rejected(M, e))?;
+        Err(Status::unimplemented(
+            "ReplayTrace: trace replay is not implemented by this dedupd yet",
+        ))
+    }
+}

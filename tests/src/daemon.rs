@@ -1,0 +1,179 @@
+//! dedupd started for one test: the real binary (holder + server), a node root on ext4
+//! under /var/tmp, its own control socket. Dropping it stops the holder with SIGTERM
+//! (a clean stop: pending reads get EIO, mounts are undone) and cleans up whatever is
+//! still mounted under its root.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+
+/// Builds the workspace binaries once per test process and returns the path of `name`.
+pub fn binary(name: &str) -> PathBuf {
+    static BUILT: OnceLock<std::result::Result<PathBuf, String>> = OnceLock::new();
+    let dir = BUILT
+        .get_or_init(|| {
+            let status = Command::new(env!("CARGO"))
+                .args(["build", "-q", "-p", "dedup-daemon", "--bins"])
+                .current_dir(env!("CARGO_MANIFEST_DIR"))
+                .status()
+                .map_err(|e| format!("running cargo build: {e}"))?;
+            if !status.success() {
+                return Err(format!(
+                    "cargo build -p dedup-daemon --bins failed: {status}"
+                ));
+            }
+            // target/debug/deps/<test> → target/debug
+            let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+            Ok(exe
+                .parent()
+                .and_then(Path::parent)
+                .ok_or("no target dir")?
+                .to_path_buf())
+        })
+        .as_ref()
+        .expect("building dedupd and dedupctl");
+    dir.join(name)
+}
+
+pub struct Dedupd {
+    root: tempfile::TempDir,
+    socket: PathBuf,
+    child: Option<Child>,
+}
+
+impl Dedupd {
+    /// Starts dedupd with extra flags (e.g. `--fetch-deadline 3`).
+    pub fn start(extra: &[&str]) -> Result<Dedupd> {
+        crate::registry::require_root("dedupd (fanotify pre-content groups, mounts)");
+        let root = tempfile::Builder::new()
+            .prefix("dedupd-test-")
+            .tempdir_in("/var/tmp")?;
+        let socket = root.path().join("dedupd.sock");
+        let log = std::fs::File::create(root.path().join("dedupd.log"))?;
+        let child = Command::new(binary("dedupd"))
+            .arg("--root")
+            .arg(root.path().join("node"))
+            .arg("--socket")
+            .arg(&socket)
+            .args(["--log", "info,dedup_daemon=debug"])
+            .args(extra)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("starting dedupd")?;
+        let mut d = Dedupd {
+            root,
+            socket,
+            child: Some(child),
+        };
+        let start = Instant::now();
+        loop {
+            if d.socket.exists() && d.ctl(&["status"]).is_ok_and(|o| o.status.success()) {
+                return Ok(d);
+            }
+            if let Some(c) = d.child.as_mut()
+                && let Some(st) = c.try_wait()?
+            {
+                bail!("dedupd exited at start ({st}):\n{}", d.log());
+            }
+            if start.elapsed() > Duration::from_secs(20) {
+                bail!("dedupd did not answer within 20 s:\n{}", d.log());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+
+    pub fn node_root(&self) -> PathBuf {
+        self.root.path().join("node")
+    }
+
+    /// A scratch directory on the same (ext4) filesystem, removed with the daemon.
+    pub fn scratch(&self, name: &str) -> PathBuf {
+        let p = self.root.path().join("scratch").join(name);
+        std::fs::create_dir_all(&p).expect("creating a scratch dir");
+        p
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.root.path().join("dedupd.log")).unwrap_or_default()
+    }
+
+    pub fn holder_pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// Runs `dedupctl --socket <socket> <args>`.
+    pub fn ctl(&self, args: &[&str]) -> Result<Output> {
+        Command::new(binary("dedupctl"))
+            .arg("--socket")
+            .arg(&self.socket)
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .context("running dedupctl")
+    }
+
+    /// Runs dedupctl and fails with its output unless it succeeds.
+    pub fn ctl_ok(&self, args: &[&str]) -> Result<String> {
+        let o = self.ctl(args)?;
+        if !o.status.success() {
+            bail!(
+                "dedupctl {args:?} failed ({}): {}{}\n--- dedupd log ---\n{}",
+                o.status,
+                String::from_utf8_lossy(&o.stdout),
+                String::from_utf8_lossy(&o.stderr),
+                self.log()
+            );
+        }
+        Ok(String::from_utf8_lossy(&o.stdout).into_owned())
+    }
+
+    /// The value of one Prometheus metric (first sample).
+    pub fn metric(&self, name: &str) -> Result<f64> {
+        let text = self.ctl_ok(&["metrics"])?;
+        text.lines()
+            .find_map(|l| {
+                let (k, v) = l.split_once(' ')?;
+                (k == name).then(|| v.trim().parse().ok())?
+            })
+            .with_context(|| format!("metric {name} not in:\n{text}"))
+    }
+
+    /// Stops the holder cleanly and waits for it.
+    pub fn stop(&mut self) -> Result<std::process::ExitStatus> {
+        let Some(mut child) = self.child.take() else {
+            bail!("already stopped")
+        };
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(st) = child.try_wait()? {
+                return Ok(st);
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                bail!("dedupd did not stop within 30 s:\n{}", self.log());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Dedupd {
+    fn drop(&mut self) {
+        if self.child.is_some() {
+            let _ = self.stop();
+        }
+        crate::mounts::unmount_under(self.root.path());
+    }
+}

@@ -1,0 +1,384 @@
+//! dedupd in fanotify pre-content mode, end to end: a real registry, the real daemon
+//! (holder + server), real EROFS file-backed mounts under overlayfs, real readers.
+
+use std::collections::BTreeMap;
+use std::io::Read;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Barrier};
+use std::time::{Duration, Instant};
+
+use dedup_image::convert::{ConvertOptions, convert_image, host_platform};
+use dedup_image::converted::{self, ConvertedImage};
+use dedup_image::endpoint::Endpoint;
+use dedup_image::index::{EntryKind, FileData};
+use dedup_image::registry::ClientOptions;
+use dedup_tests::daemon::Dedupd;
+use dedup_tests::fixtures::{Fixtures, fixtures};
+use dedup_tests::proxy::{Fault, FaultProxy, Rule};
+use dedup_tests::registry::Registry;
+
+fn plain() -> ClientOptions {
+    ClientOptions {
+        plain_http: true,
+        ..ClientOptions::default()
+    }
+}
+
+/// Converts fixture `tag` into `reg` and returns the reference and the converted image.
+fn converted(fx: &Fixtures, reg: &Registry, tag: &str) -> (String, ConvertedImage) {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let image = format!("{}/lazy/debian:{tag}", reg.host());
+    let src = Endpoint::parse(&fx.oci_ref(tag), &plain()).unwrap();
+    let dst = Arc::new(Endpoint::parse(&image, &plain()).unwrap());
+    rt.block_on(convert_image(&src, dst.clone(), &ConvertOptions::default()))
+        .unwrap();
+    let conv = rt
+        .block_on(converted::open(&dst, &host_platform()))
+        .unwrap();
+    (image, conv)
+}
+
+/// The image's rootfs unpacked by umoci (applies whiteouts): the reference.
+struct Reference(tempfile::TempDir);
+
+impl Reference {
+    fn unpack(fx: &Fixtures, tag: &str) -> Reference {
+        let dir = tempfile::tempdir_in("/var/tmp").unwrap();
+        let bundle = dir.path().join("bundle");
+        let out = std::process::Command::new("umoci")
+            .args(["raw", "unpack", "--image"])
+            .arg(format!("{}:{tag}", fx.layout.display()))
+            .arg(&bundle)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "umoci: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Reference(dir)
+    }
+
+    fn rootfs(&self) -> PathBuf {
+        self.0.path().join("bundle")
+    }
+}
+
+fn read(path: &Path) -> std::io::Result<Vec<u8>> {
+    let mut f = std::fs::File::open(path)?;
+    let mut v = Vec::new();
+    f.read_to_end(&mut v)?;
+    Ok(v)
+}
+
+/// Regular files of the image's merged tree with their chunk counts (top layer wins).
+fn files_with_chunks(image: &ConvertedImage) -> BTreeMap<String, (u64, usize)> {
+    let mut out = BTreeMap::new();
+    for (_, idx) in &image.layers {
+        for e in &idx.entries {
+            let p = String::from_utf8_lossy(&e.path).into_owned();
+            match &e.kind {
+                EntryKind::File {
+                    size,
+                    data: FileData::Chunks(c),
+                } => {
+                    out.insert(p, (*size, c.len()));
+                }
+                EntryKind::File { size, .. } => {
+                    out.insert(p, (*size, 0));
+                }
+                _ => {
+                    out.remove(&p);
+                }
+            }
+        }
+    }
+    out
+}
+
+fn mount(d: &Dedupd, image: &str) -> PathBuf {
+    let mnt = d.scratch("mnt");
+    d.ctl_ok(&["mount", "--plain-http", image, mnt.to_str().unwrap()])
+        .unwrap();
+    mnt
+}
+
+#[test]
+fn lazy_mount_fetches_only_what_is_read_and_matches_the_reference() {
+    let fx = fixtures().unwrap();
+    let reg = Registry::start().unwrap();
+    let (image, conv) = converted(&fx, &reg, "py");
+    let total: u64 = conv
+        .layers
+        .iter()
+        .flat_map(|(_, i)| i.chunks.iter())
+        .map(|c| c.size as u64)
+        .sum();
+    let d = Dedupd::start(&[]).unwrap();
+    let log_before = reg.access_log().unwrap().len();
+    let mnt = mount(&d, &image);
+    // Only manifests, config and layer indexes were fetched to mount.
+    let mount_log: Vec<_> = reg.access_log().unwrap()[log_before..].to_vec();
+    let packs: Vec<String> = conv
+        .layers
+        .iter()
+        .flat_map(|(_, i)| i.packs.iter().map(|p| p.digest.oci()))
+        .collect();
+    assert!(
+        mount_log
+            .iter()
+            .all(|e| !packs.iter().any(|p| e.path.ends_with(p))),
+        "mounting fetched pack data: {mount_log:?}"
+    );
+    assert_eq!(d.metric("dedupd_chunks_fetched_total").unwrap(), 0.0);
+
+    // One file: exactly its chunks.
+    let files = files_with_chunks(&conv);
+    let (path, (size, chunks)) = files
+        .iter()
+        .find(|(p, (s, c))| p.starts_with("usr/") && (2..=8).contains(c) && *s > 1 << 20)
+        .expect("a multi-chunk file under /usr");
+    let reference = Reference::unpack(&fx, "py");
+    let got = read(&mnt.join(path)).unwrap();
+    assert_eq!(got.len() as u64, *size);
+    assert_eq!(got, read(&reference.rootfs().join(path)).unwrap(), "{path}");
+    let fetched = d.metric("dedupd_chunks_fetched_total").unwrap();
+    let bytes = d.metric("dedupd_chunk_bytes_written_total").unwrap();
+    println!(
+        "reading /{path} ({size} bytes, {chunks} chunks): fetched {fetched} chunks, {bytes} bytes of {total} ({:.2}%)",
+        100.0 * bytes / total as f64
+    );
+    assert_eq!(fetched as usize, *chunks);
+
+    // The whole tree, byte for byte and attribute by attribute.
+    let mut checked = 0;
+    for entry in walk(&reference.rootfs()) {
+        let rel = entry.strip_prefix(reference.rootfs()).unwrap();
+        let ours = mnt.join(rel);
+        let a = std::fs::symlink_metadata(&entry).unwrap();
+        let b =
+            std::fs::symlink_metadata(&ours).unwrap_or_else(|e| panic!("{}: {e}", rel.display()));
+        assert_eq!(a.mode(), b.mode(), "{}", rel.display());
+        assert_eq!((a.uid(), a.gid()), (b.uid(), b.gid()), "{}", rel.display());
+        if a.is_file() {
+            assert_eq!(
+                read(&entry).unwrap(),
+                read(&ours).unwrap(),
+                "{}",
+                rel.display()
+            );
+            checked += 1;
+        } else if a.file_type().is_symlink() {
+            assert_eq!(
+                std::fs::read_link(&entry).unwrap(),
+                std::fs::read_link(&ours).unwrap()
+            );
+        }
+    }
+    let fetched = d.metric("dedupd_chunks_fetched_total").unwrap();
+    println!("whole tree: {checked} files identical; {fetched} chunks fetched in all");
+    let distinct: usize = conv.layers.iter().map(|(_, i)| i.chunks.len()).sum();
+    assert!(fetched as usize <= distinct, "a chunk was fetched twice");
+    d.ctl_ok(&["umount", mnt.to_str().unwrap()]).unwrap();
+}
+
+fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap().flatten() {
+            let p = e.path();
+            if e.file_type().unwrap().is_dir() {
+                stack.push(p.clone());
+            }
+            out.push(p);
+        }
+    }
+    out.sort();
+    out
+}
+
+#[test]
+fn concurrent_readers_fetch_each_chunk_once() {
+    let fx = fixtures().unwrap();
+    let reg = Registry::start().unwrap();
+    let (image, conv) = converted(&fx, &reg, "py");
+    let d = Dedupd::start(&[]).unwrap();
+    let mnt = mount(&d, &image);
+    let files: Vec<(String, usize)> = files_with_chunks(&conv)
+        .into_iter()
+        .filter(|(p, (_, c))| p.starts_with("usr/") && *c >= 1)
+        .map(|(p, (_, c))| (p, c))
+        .take(24)
+        .collect();
+    let want: usize = files.iter().map(|(_, c)| c).sum();
+    let reference = Reference::unpack(&fx, "py");
+    let files = Arc::new(files);
+    let barrier = Arc::new(Barrier::new(64));
+    let handles: Vec<_> = (0..64)
+        .map(|t| {
+            let files = files.clone();
+            let barrier = barrier.clone();
+            let mnt = mnt.clone();
+            let rootfs = reference.rootfs();
+            std::thread::spawn(move || {
+                barrier.wait();
+                for i in 0..files.len() {
+                    let (p, _) = &files[(i * 7 + t) % files.len()];
+                    let ours = read(&mnt.join(p)).unwrap();
+                    assert_eq!(ours, read(&rootfs.join(p)).unwrap(), "reader {t}: {p}");
+                }
+            })
+        })
+        .collect();
+    for h in handles {
+        h.join().unwrap();
+    }
+    let fetched = d.metric("dedupd_chunks_fetched_total").unwrap() as usize;
+    println!(
+        "64 readers over {} files ({want} chunk references): {fetched} chunks fetched",
+        files.len()
+    );
+    assert!(
+        fetched <= want,
+        "fetched {fetched} > {want}: some chunk was fetched twice"
+    );
+    d.ctl_ok(&["umount", mnt.to_str().unwrap()]).unwrap();
+}
+
+#[test]
+fn registry_faults_never_give_wrong_bytes_and_dead_chunks_give_eio_in_time() {
+    let fx = fixtures().unwrap();
+    let reg = Registry::start().unwrap();
+    let (_, conv) = converted(&fx, &reg, "py");
+    let proxy = FaultProxy::start(&reg.host()).unwrap();
+    let image = format!("{}/lazy/debian:py", proxy.host());
+    let d = Dedupd::start(&["--fetch-deadline", "4"]).unwrap();
+    let mnt = mount(&d, &image);
+    let reference = Reference::unpack(&fx, "py");
+    // Every kind of fault, a few times each, on pack reads.
+    for fault in [
+        Fault::Status(503),
+        Fault::Reset,
+        Fault::Truncate,
+        Fault::Corrupt,
+        Fault::Stall(Duration::from_millis(300)),
+    ] {
+        proxy.add(Rule::new(Some("GET"), "/blobs/sha256:", fault, 2));
+    }
+    let files: Vec<String> = files_with_chunks(&conv)
+        .into_iter()
+        .filter(|(p, (_, c))| p.starts_with("usr/lib/python3.11/") && *c >= 1)
+        .map(|(p, _)| p)
+        .take(40)
+        .collect();
+    for p in &files {
+        assert_eq!(
+            read(&mnt.join(p)).unwrap(),
+            read(&reference.rootfs().join(p)).unwrap(),
+            "{p}"
+        );
+    }
+    println!(
+        "{} faults injected; every byte right",
+        proxy.faults_applied()
+    );
+    assert!(proxy.faults_applied() >= 8);
+
+    // A pack that is always corrupted: reads of its chunks fail with EIO within the
+    // deadline, never return zeros.
+    let (victim, pack) = files_with_chunks(&conv)
+        .into_iter()
+        .filter(|(p, (_, c))| *c >= 1 && !files.contains(p))
+        .find_map(|(p, _)| {
+            let (_, idx) = conv
+                .layers
+                .iter()
+                .rev()
+                .find(|(_, i)| i.find(p.as_bytes()).is_some())?;
+            let e = idx.find(p.as_bytes())?;
+            let c = idx.file_chunks(e).next()?;
+            Some((p, idx.packs[c.pack as usize].digest.oci()))
+        })
+        .unwrap();
+    proxy.clear();
+    proxy.add(Rule::new(Some("GET"), &pack, Fault::Corrupt, usize::MAX));
+    let start = Instant::now();
+    let err = read(&mnt.join(&victim)).unwrap_err();
+    let took = start.elapsed();
+    println!("/{victim} with its pack always corrupted: {err} after {took:?}");
+    assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
+    assert!(took < Duration::from_secs(8), "EIO took {took:?}");
+    // Once the registry is healthy again the same read succeeds.
+    proxy.clear();
+    assert_eq!(
+        read(&mnt.join(&victim)).unwrap(),
+        read(&reference.rootfs().join(&victim)).unwrap()
+    );
+    d.ctl_ok(&["umount", mnt.to_str().unwrap()]).unwrap();
+}
+
+/// The server's pid, from `dedupctl status`.
+fn server_pid(d: &Dedupd) -> i32 {
+    let s = d.ctl_ok(&["status"]).unwrap();
+    s.lines()
+        .find_map(|l| {
+            l.strip_prefix("dedupd pid ")
+                .and_then(|v| v.split(',').next())
+                .map(|v| v.trim().parse().unwrap())
+        })
+        .unwrap_or_else(|| panic!("no pid in status:\n{s}"))
+}
+
+#[test]
+fn killing_the_server_with_readers_blocked_loses_no_read() {
+    let fx = fixtures().unwrap();
+    let reg = Registry::start().unwrap();
+    let (_, conv) = converted(&fx, &reg, "py");
+    let proxy = FaultProxy::start(&reg.host()).unwrap();
+    let image = format!("{}/lazy/debian:py", proxy.host());
+    let d = Dedupd::start(&[]).unwrap();
+    let mnt = mount(&d, &image);
+    let reference = Reference::unpack(&fx, "py");
+    // Slow registry: every pack read stalls, so readers are blocked when we kill.
+    proxy.add(Rule::new(
+        Some("GET"),
+        "/blobs/sha256:",
+        Fault::Stall(Duration::from_secs(2)),
+        usize::MAX,
+    ));
+    let files: Vec<String> = files_with_chunks(&conv)
+        .into_iter()
+        .filter(|(p, (_, c))| p.starts_with("usr/") && *c >= 1)
+        .map(|(p, _)| p)
+        .take(32)
+        .collect();
+    let readers: Vec<_> = files
+        .iter()
+        .cloned()
+        .map(|p| {
+            let m = mnt.join(&p);
+            std::thread::spawn(move || (p, read(&m)))
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(500));
+    let pid = server_pid(&d);
+    // SAFETY: kill(2) of the server process this test's daemon started.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
+    println!("killed server {pid} with {} readers blocked", readers.len());
+    proxy.clear();
+    for r in readers {
+        let (p, got) = r.join().unwrap();
+        let got = got.unwrap_or_else(|e| panic!("{p}: {e}"));
+        assert_eq!(
+            got,
+            read(&reference.rootfs().join(&p)).unwrap(),
+            "{p}: wrong bytes after the restart"
+        );
+    }
+    let new_pid = server_pid(&d);
+    assert_ne!(new_pid, pid, "the holder started a new server");
+    assert!(d.metric("dedupd_server_starts_total").unwrap() >= 2.0);
+    d.ctl_ok(&["umount", mnt.to_str().unwrap()]).unwrap();
+}
