@@ -27,6 +27,8 @@ pub struct Config {
     pub mode: KernelMode,
     /// Prometheus text over HTTP on this address (127.0.0.1 recommended); empty: off.
     pub metrics_address: String,
+    /// Registry mirrors in containerd's hosts.toml layout (`<dir>/<host>/hosts.toml`).
+    pub hosts_dir: Option<PathBuf>,
     pub fetch: FetchConfig,
 }
 
@@ -50,6 +52,7 @@ impl Default for Config {
             socket: PathBuf::from("/run/dedupd/dedupd.sock"),
             mode: KernelMode::Auto,
             metrics_address: String::new(),
+            hosts_dir: None,
             fetch: FetchConfig::default(),
         }
     }
@@ -114,6 +117,11 @@ impl Config {
                 "fetch.request_timeout_secs: {} must be within (0, 600]",
                 self.fetch.request_timeout_secs
             );
+        }
+        if let Some(d) = &self.hosts_dir
+            && !d.is_absolute()
+        {
+            bail!("hosts_dir: {d:?} must be an absolute path");
         }
         if !self.metrics_address.is_empty() {
             self.metrics_address

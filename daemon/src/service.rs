@@ -22,7 +22,7 @@ use tokio::sync::Notify;
 use crate::config::Config;
 use crate::control::{self, DaemonOps, OpError, proto};
 use crate::core::bitmap::Counter;
-use crate::core::{Core, CoreOptions, LayerSource, SharedBitmap, SlotWriter};
+use crate::core::{Core, CoreOptions, LayerSource, Priority, SharedBitmap, SlotWriter};
 use crate::frontend::fanotify::holder::{
     ENV_FRESH_BITMAP, SERVER_BITMAP_FD, SERVER_GROUP_FD, SERVER_SOCKET_FD, SERVER_STORE_FD,
 };
@@ -77,6 +77,7 @@ impl Daemon {
         ClientOptions {
             plain_http,
             timeout: Duration::from_secs_f64(self.cfg.fetch.request_timeout_secs),
+            hosts_dir: self.cfg.hosts_dir.clone(),
             ..ClientOptions::default()
         }
     }
@@ -146,6 +147,35 @@ impl Daemon {
         Ok((info, image, index_bytes))
     }
 
+    /// Fetches every chunk of `image` at background priority, a batch at a time, so
+    /// reads and prefetches always overtake it.
+    fn spawn_background_fill(&self, reference: &str, image: &ConvertedImage) -> Result<()> {
+        let mut slots = Vec::new();
+        for (desc, index) in &image.layers {
+            for c in &index.chunks {
+                let info = self.store.locate(&c.digest)?.ok_or_else(|| {
+                    anyhow!("chunk {} of layer {} has no slot", c.digest, desc.digest)
+                })?;
+                slots.push(info.slot);
+            }
+        }
+        slots.sort_unstable();
+        slots.dedup();
+        let core = self.core.clone();
+        let reference = reference.to_string();
+        tokio::spawn(async move {
+            let start = Instant::now();
+            for batch in slots.chunks(64) {
+                if let Err(e) = core.ensure_slots(batch, Priority::Background).await {
+                    tracing::warn!(image = %reference, error = %e, "background fill stopped");
+                    return;
+                }
+            }
+            tracing::info!(image = %reference, chunks = slots.len(), secs = start.elapsed().as_secs_f64(), "background fill done");
+        });
+        Ok(())
+    }
+
     fn registrations_path(&self) -> PathBuf {
         self.cfg.root.join("registrations.json")
     }
@@ -192,17 +222,22 @@ impl DaemonOps for Daemon {
         reference: &str,
         target: &Path,
         plain_http: bool,
+        background_fill: bool,
     ) -> Result<proto::MountResponse> {
         let (info, image, index_bytes) = self.register(reference, plain_http).await?;
         let root = self.root.clone();
         let store = self.store.clone();
         let target = target.to_path_buf();
         let name = reference.to_string();
+        let img = image.clone();
         let report = tokio::task::spawn_blocking(move || {
-            local_mount::mount_lazy(&root, &store, &image, name, &target)
+            local_mount::mount_lazy(&root, &store, &img, name, &target)
         })
         .await??;
         self.write_mounts_file()?;
+        if background_fill {
+            self.spawn_background_fill(reference, &image)?;
+        }
         Ok(proto::MountResponse {
             image: Some(info),
             layer_mounts: report

@@ -1,5 +1,6 @@
 pub mod containerd;
 pub mod daemon;
+pub mod erofs_utils;
 pub mod fixtures;
 pub mod mounts;
 pub mod proxy;

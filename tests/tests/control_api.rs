@@ -81,6 +81,7 @@ impl DaemonOps for FakeOps {
         reference: &str,
         target: &Path,
         plain_http: bool,
+        _background_fill: bool,
     ) -> anyhow::Result<proto::MountResponse> {
         self.record(format!(
             "mount {reference} {} {plain_http}",
@@ -195,6 +196,7 @@ fn mount(reference: &str, target: &str) -> proto::MountRequest {
         reference: reference.into(),
         target: target.into(),
         plain_http: true,
+        background_fill: false,
     }
 }
 

@@ -18,6 +18,7 @@ use dedup_image::erofs::{DeviceSpec, ErofsImage, WriteOptions, write_layer};
 use dedup_image::index::{
     ChunkRef, Entry, EntryKind, FileData, LayerIndex, PackRef, Sha256, decode_body, encode_body,
 };
+use dedup_tests::erofs_utils::tool;
 use dedup_tests::registry::require_root;
 use nix::mount::{MntFlags, MsFlags, mount, umount2};
 use nix::sys::statfs::{BTRFS_SUPER_MAGIC, EXT4_SUPER_MAGIC, XFS_SUPER_MAGIC, statfs};
@@ -813,6 +814,59 @@ fn run(cmd: &mut Command) -> String {
     text
 }
 
+/// A numeric `Name: value` line of `dump.erofs -s`.
+fn dump_field(dump: &str, name: &str) -> u64 {
+    dump.lines()
+        .find_map(|l| l.strip_prefix(name)?.trim_start().strip_prefix(':'))
+        .unwrap_or_else(|| panic!("dump.erofs printed no {name:?}: {dump}"))
+        .trim()
+        .parse()
+        .unwrap_or_else(|e| panic!("dump.erofs {name:?}: {e}"))
+}
+
+/// (logical offset, device id, physical offset) of each extent `dump.erofs -e` prints:
+/// `   0:        0..1048576 | 1048576 :    8388608..   9437184 | 1048576  # device 1`.
+fn dump_extents(dump: &str) -> Vec<(u64, u32, u64)> {
+    dump.lines()
+        .filter(|l| l.contains("# device"))
+        .map(|l| {
+            let t: Vec<&str> = l
+                .split(|c: char| c.is_whitespace() || ":|#.".contains(c))
+                .filter(|t| !t.is_empty())
+                .collect();
+            // idx, lstart, lend, llen, pstart, pend, plen, "device", id
+            assert_eq!((t.len(), t[7]), (9, "device"), "extent line {l:?}");
+            let n = |i: usize| t[i].parse::<u64>().unwrap();
+            (n(1), n(8) as u32, n(4))
+        })
+        .collect()
+}
+
+/// What `dump_extents` must show for a chunked file of the layer: one extent per
+/// chunk, on device 1, at the chunk's store block.
+fn chunk_extents(l: &Layer, path: &str, store: &Store) -> Vec<(u64, u32, u64)> {
+    let e = l
+        .index
+        .entries
+        .iter()
+        .find(|e| e.path == path.trim_start_matches('/').as_bytes())
+        .unwrap();
+    let EntryKind::File {
+        data: FileData::Chunks(ids),
+        ..
+    } = &e.kind
+    else {
+        panic!("{path} is not chunked")
+    };
+    ids.iter()
+        .enumerate()
+        .map(|(i, &id)| {
+            let c = &l.index.chunks[id as usize];
+            (i as u64 * CHUNK as u64, 1, store.chunks[&c.digest].0 * 4096)
+        })
+        .collect()
+}
+
 #[test]
 fn erofs_image_mounts_and_matches_the_index() {
     require_root("mounting EROFS images");
@@ -823,10 +877,14 @@ fn erofs_image_mounts_and_matches_the_index() {
     let parsed = layer.write(&store, &image_path);
     assert_eq!(parsed.devices()[0].tag, "dedup-store");
 
-    // erofs-utils as an independent checker.
+    // erofs-utils as an independent checker: bookworm's 1.5 (on the PATH) and 1.8
+    // (built from trixie source by scripts/build-erofs-utils).
     let device = format!("--device={}", store.path.display());
     run(Command::new("fsck.erofs").arg(&device).arg(&image_path));
-    let sb = run(Command::new("dump.erofs")
+    run(Command::new(tool("fsck.erofs"))
+        .arg(&device)
+        .arg(&image_path));
+    let sb = run(Command::new(tool("dump.erofs"))
         .arg("-s")
         .arg(&device)
         .arg(&image_path));
@@ -838,9 +896,19 @@ fn erofs_image_mounts_and_matches_the_index() {
         sb.contains("chunked_file") && sb.contains("device_table"),
         "features: {sb}"
     );
-    // dump.erofs 1.5 does not print device slots: read slot 1 raw (the superblock's
-    // devt_slotoff, at byte 1024 + 88, gives its place in 128-byte units).
+    // The device table. dump.erofs 1.8.6 refuses an image whose number of device slots
+    // differs from the number of --device options (1 here), and its "Filesystem blocks"
+    // is the primary device's blocks (superblock, byte 1024 + 36) plus every slot's
+    // blocks. Neither 1.5 nor 1.8.6 prints a slot's tag: read slot 1 raw (the
+    // superblock's devt_slotoff, at byte 1024 + 88, gives its place in 128-byte units).
     let raw = fs::read(&image_path).unwrap();
+    let primary_blocks = u32::from_le_bytes(raw[1024 + 36..1024 + 40].try_into().unwrap());
+    assert_eq!(
+        dump_field(&sb, "Filesystem blocks"),
+        primary_blocks as u64 + store.blocks(),
+        "dump.erofs: the primary blocks plus the store device's {} blocks",
+        store.blocks()
+    );
     assert_eq!(
         u16::from_le_bytes([raw[1024 + 86], raw[1024 + 87]]),
         1,
@@ -850,7 +918,23 @@ fn erofs_image_mounts_and_matches_the_index() {
     assert_eq!(&raw[slot..slot + 12], b"dedup-store\0", "device tag");
     let blocks = u32::from_le_bytes(raw[slot + 64..slot + 68].try_into().unwrap());
     assert_eq!(blocks as u64, store.blocks(), "device blocks");
-    let ls = run(Command::new("dump.erofs")
+    println!(
+        "device table: 1 slot at byte {slot}: tag {:?}, {blocks} blocks; dump.erofs 1.8: \
+         {primary_blocks} primary + {blocks} device blocks",
+        String::from_utf8_lossy(&raw[slot..slot + 11]),
+    );
+    // Each chunk of a chunked file maps to device 1 at the store block it was written
+    // to, and the copy shares those blocks (dump.erofs -e, through the device table).
+    for path in ["/data/app", "/data/app-copy", "/data/one-chunk"] {
+        let want = chunk_extents(&layer, path, &store);
+        let ext = run(Command::new(tool("dump.erofs"))
+            .arg("-e")
+            .arg(&device)
+            .arg(format!("--path={path}"))
+            .arg(&image_path));
+        assert_eq!(dump_extents(&ext), want, "{path}: extents");
+    }
+    let ls = run(Command::new(tool("dump.erofs"))
         .arg(&device)
         .arg("--path=/data/huge")
         .arg(&image_path));

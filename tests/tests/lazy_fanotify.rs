@@ -382,3 +382,86 @@ fn killing_the_server_with_readers_blocked_loses_no_read() {
     assert!(d.metric("dedupd_server_starts_total").unwrap() >= 2.0);
     d.ctl_ok(&["umount", mnt.to_str().unwrap()]).unwrap();
 }
+
+#[test]
+fn clean_stop_unmounts_and_releases_the_group() {
+    let fx = fixtures().unwrap();
+    let reg = Registry::start().unwrap();
+    let (image, _) = converted(&fx, &reg, "base");
+    let mut d = Dedupd::start(&[]).unwrap();
+    let mnt = mount(&d, &image);
+    assert!(
+        read(&mnt.join("etc/os-release"))
+            .unwrap()
+            .starts_with(b"PRETTY_NAME")
+    );
+    let node = d.node_root();
+    assert!(!dedup_tests::mounts::mounts_under(&node).is_empty());
+    let status = d.stop().unwrap();
+    assert!(status.success(), "dedupd exit status {status}\n{}", d.log());
+    let left: Vec<_> = dedup_tests::mounts::mounts_under(&node)
+        .into_iter()
+        .chain(dedup_tests::mounts::mounts_under(&mnt))
+        .collect();
+    assert!(left.is_empty(), "left mounted after a clean stop: {left:?}");
+}
+
+#[test]
+fn background_fill_fetches_the_whole_image_once() {
+    let fx = fixtures().unwrap();
+    let reg = Registry::start().unwrap();
+    let (image, conv) = converted(&fx, &reg, "py");
+    let d = Dedupd::start(&[]).unwrap();
+    let mnt = d.scratch("mnt");
+    d.ctl_ok(&[
+        "mount",
+        "--plain-http",
+        "--background-fill",
+        &image,
+        mnt.to_str().unwrap(),
+    ])
+    .unwrap();
+    // Reads go first while the fill runs.
+    assert!(
+        read(&mnt.join("usr/bin/python3.11"))
+            .unwrap()
+            .starts_with(b"\x7fELF")
+    );
+    let distinct: std::collections::BTreeSet<_> = conv
+        .layers
+        .iter()
+        .flat_map(|(_, i)| i.chunks.iter().map(|c| c.digest))
+        .collect();
+    let start = Instant::now();
+    loop {
+        let n = d.metric("dedupd_chunks_fetched_total").unwrap() as usize;
+        if n == distinct.len() {
+            break;
+        }
+        assert!(
+            n < distinct.len(),
+            "fetched {n} > {} distinct chunks",
+            distinct.len()
+        );
+        assert!(
+            start.elapsed() < Duration::from_secs(120),
+            "background fill stuck at {n}/{}",
+            distinct.len()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    println!(
+        "background fill: {} chunks in {:?}",
+        distinct.len(),
+        start.elapsed()
+    );
+    // Everything is local now: reading the tree fetches nothing more.
+    for p in walk(&mnt).into_iter().filter(|p| p.is_file()).take(500) {
+        let _ = read(&p).unwrap();
+    }
+    assert_eq!(
+        d.metric("dedupd_chunks_fetched_total").unwrap() as usize,
+        distinct.len()
+    );
+    d.ctl_ok(&["umount", mnt.to_str().unwrap()]).unwrap();
+}

@@ -102,6 +102,10 @@ struct MountArgs {
     /// Concurrent Range requests while fetching.
     #[arg(long, default_value_t = 8)]
     concurrency: usize,
+    /// Daemon mounts: after mounting, fetch the whole image in the background at the
+    /// lowest priority (reads go first).
+    #[arg(long, conflicts_with = "local")]
+    background_fill: bool,
     /// The converted image (host/repo:tag, host/repo@digest or oci:<path>:tag).
     image: String,
     /// An existing directory.
@@ -123,6 +127,9 @@ struct RegistryArgs {
     /// Registry credentials as USER:PASSWORD (else docker config.json and its helpers).
     #[arg(long, env = "DEDUP_REGISTRY_USER", hide_env_values = true)]
     user: Option<String>,
+    /// Registry mirrors in containerd's hosts.toml layout (<dir>/<host>/hosts.toml).
+    #[arg(long, env = "DEDUP_HOSTS_DIR")]
+    hosts_dir: Option<PathBuf>,
 }
 
 impl RegistryArgs {
@@ -136,6 +143,7 @@ impl RegistryArgs {
         Ok(ClientOptions {
             plain_http: self.plain_http,
             credentials,
+            hosts_dir: self.hosts_dir.clone(),
             ..ClientOptions::default()
         })
     }
@@ -361,6 +369,7 @@ async fn daemon_mount(socket: &std::path::Path, a: &MountArgs) -> Result<()> {
             reference: a.image.clone(),
             target: target.to_string_lossy().into_owned(),
             plain_http: a.registry.plain_http,
+            background_fill: a.background_fill,
         })
         .await
         .map_err(|e| {

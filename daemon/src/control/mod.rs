@@ -43,12 +43,14 @@ pub trait DaemonOps: Send + Sync + 'static {
         reference: &str,
         plain_http: bool,
     ) -> anyhow::Result<proto::ImageInfo>;
-    /// Register the image if needed and mount it lazily at `target`.
+    /// Register the image if needed and mount it lazily at `target`; with
+    /// `background_fill`, then fetch the whole image at the lowest priority.
     async fn mount(
         &self,
         reference: &str,
         target: &Path,
         plain_http: bool,
+        background_fill: bool,
     ) -> anyhow::Result<proto::MountResponse>;
     /// Undo a [`DaemonOps::mount`]; unknown target: `OpError::not_found`.
     async fn unmount(&self, target: &Path) -> anyhow::Result<()>;

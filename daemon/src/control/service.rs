@@ -90,7 +90,8 @@ impl Daemon for ControlService {
         info!(reference = %r.reference, target = %target.display(), plain_http = r.plain_http, "Mount");
         let ops = self.ops.clone();
         let resp = detached(M, async move {
-            ops.mount(&r.reference, &target, r.plain_http).await
+            ops.mount(&r.reference, &target, r.plain_http, r.background_fill)
+                .await
         })
         .await?;
         Ok(Response::new(resp))

@@ -1,7 +1,9 @@
-//! [`RegistryClient`]: the distribution API v2 for one registry host.
+//! [`RegistryClient`]: the distribution API v2 for one registry, served by its own host
+//! and optionally by mirrors.
 
 use std::io;
-use std::time::Duration;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use futures_util::TryStreamExt;
@@ -12,11 +14,10 @@ use reqwest::header::{
 use reqwest::{Method, Response, StatusCode, Url};
 
 use super::auth::{Authenticator, SentAuth, repository_scope};
+use super::hosts::{self, Capabilities, RegistryHost};
 use super::{ClientOptions, RegistryError, is_retryable_status, transport_retryable};
 use crate::oci::media_types;
-use crate::oci::reference::{
-    is_docker_hub, validate_manifest_reference, validate_registry, validate_repository,
-};
+use crate::oci::reference::{validate_manifest_reference, validate_registry, validate_repository};
 use crate::oci::{BlobStream, Digest, DigestMismatch};
 
 /// Largest manifest we read.
@@ -45,13 +46,19 @@ impl std::fmt::Debug for BlobDownload {
     }
 }
 
-/// A client for one registry host, shared across repositories (one connection pool,
-/// one token cache). Cheap to share behind an `Arc`.
+/// A client for one registry, shared across repositories (one connection pool and one
+/// token cache per host). Cheap to share behind an `Arc`.
+///
+/// With a hosts directory ([`ClientOptions::hosts_dir`], containerd's `hosts.toml`
+/// format, see [`super::hosts`]) a registry is served by several hosts: pulls try the
+/// mirrors whose capabilities allow the operation, in file order, then the server (the
+/// registry itself by default), falling back to the next host on connection errors and
+/// on error answers (404 included); pushes go to the first host with the `push`
+/// capability only.
 pub struct RegistryClient {
     registry: String,
     base: Url,
-    http: reqwest::Client,
-    auth: Authenticator,
+    hosts: Vec<Host>,
     timeout: Duration,
     attempts: u32,
     backoff: Duration,
@@ -62,25 +69,67 @@ impl std::fmt::Debug for RegistryClient {
         f.debug_struct("RegistryClient")
             .field("registry", &self.registry)
             .field("base", &self.base.as_str())
+            .field(
+                "hosts",
+                &self
+                    .hosts
+                    .iter()
+                    .map(|h| h.config.api.as_str())
+                    .collect::<Vec<_>>(),
+            )
             .finish_non_exhaustive()
     }
 }
 
-/// One logical request: re-sent on retries and after re-authentication.
-struct Req {
-    method: Method,
-    url: Url,
-    scopes: Vec<String>,
+/// How long a mirror that could not be reached is skipped.
+pub const MIRROR_COOLDOWN: Duration = Duration::from_secs(30);
+
+/// One host serving the registry: a mirror or the server.
+struct Host {
+    config: RegistryHost,
+    /// `host[:port]`, for messages.
+    name: String,
+    /// Not the registry itself: requests carry `?ns=<registry>` (as containerd's do).
+    mirror: bool,
+    http: reqwest::Client,
+    auth: Authenticator,
+    /// Configured headers (values are sensitive).
     headers: HeaderMap,
-    body: Option<Bytes>,
-    /// Total time limit; `None` for streamed downloads (the idle-read limit applies).
-    timeout: Option<Duration>,
-    retry: bool,
+    /// A mirror that could not be reached is skipped until then.
+    down_until: Mutex<Option<Instant>>,
 }
 
-impl Req {
-    fn new(method: Method, url: Url, scopes: Vec<String>, timeout: Duration) -> Self {
+impl Host {
+    fn cooling_down(&self) -> bool {
+        let mut d = self.down_until.lock().unwrap();
+        match *d {
+            Some(t) if t > Instant::now() => true,
+            Some(_) => {
+                *d = None;
+                false
+            }
+            None => false,
+        }
+    }
+
+    fn cool_down(&self) {
+        *self.down_until.lock().unwrap() = Some(Instant::now() + MIRROR_COOLDOWN);
+    }
+}
+
+/// A host to send a request to, and how many attempts it gets.
+#[derive(Clone, Copy)]
+struct Via<'h> {
+    host: &'h Host,
+    attempts: u32,
+    /// The registry name, for the `ns` query parameter of mirror requests.
+    registry: &'h str,
+}
+
+impl<'h> Via<'h> {
+    fn req(self, method: Method, url: Url, scopes: Vec<String>, timeout: Duration) -> Req<'h> {
         Req {
+            via: self,
             method,
             url,
             scopes,
@@ -91,6 +140,36 @@ impl Req {
         }
     }
 
+    /// `<api root><repo>/<tail>`, plus `?ns=<registry>` for a mirror.
+    fn repo_url(self, repo: &str, tail: &str) -> Result<Url, RegistryError> {
+        validate_repository(repo).map_err(RegistryError::Invalid)?;
+        let mut url = self
+            .host
+            .config
+            .api
+            .join(&format!("{repo}/{tail}"))
+            .expect("validated path components");
+        if self.host.mirror {
+            url.query_pairs_mut().append_pair("ns", self.registry);
+        }
+        Ok(url)
+    }
+}
+
+/// One logical request: re-sent on retries and after re-authentication.
+struct Req<'h> {
+    via: Via<'h>,
+    method: Method,
+    url: Url,
+    scopes: Vec<String>,
+    headers: HeaderMap,
+    body: Option<Bytes>,
+    /// Total time limit; `None` for streamed downloads (the idle-read limit applies).
+    timeout: Option<Duration>,
+    retry: bool,
+}
+
+impl Req<'_> {
     fn header(mut self, name: HeaderName, value: &str) -> Result<Self, RegistryError> {
         let v = HeaderValue::from_str(value).map_err(|_| {
             RegistryError::Invalid(format!("invalid {name} header value {value:?}"))
@@ -100,33 +179,90 @@ impl Req {
     }
 }
 
+/// Whether a failure on one host is worth trying the next host for: anything but an
+/// invalid argument (which fails the same everywhere).
+fn falls_back(e: &RegistryError) -> bool {
+    !matches!(e, RegistryError::Invalid(_))
+}
+
 impl RegistryClient {
     /// A client for `registry` (`host[:port]`, or `docker.io`, which is served by
-    /// `registry-1.docker.io`).
+    /// `registry-1.docker.io`), with the mirrors configured for it in
+    /// [`ClientOptions::hosts_dir`], if any.
     pub fn new(registry: &str, opts: &ClientOptions) -> Result<Self, RegistryError> {
         validate_registry(registry).map_err(RegistryError::Invalid)?;
-        let api_host = if is_docker_hub(registry) {
-            "registry-1.docker.io"
-        } else {
-            registry
+        let hosts = hosts::hosts_for(opts.hosts_dir.as_deref(), registry, opts.plain_http)?;
+        Self::with_hosts(registry, hosts, opts)
+    }
+
+    /// A client for `registry` served by `hosts`, in order (mirrors first, then the
+    /// server; see [`hosts::hosts_for`]). `opts.hosts_dir` is not read.
+    ///
+    /// Credentials: explicit ones (`opts.credentials`) go only to the registry itself and
+    /// to the server; a mirror on another host gets the docker config's credentials for
+    /// that host.
+    pub fn with_hosts(
+        registry: &str,
+        hosts: Vec<RegistryHost>,
+        opts: &ClientOptions,
+    ) -> Result<Self, RegistryError> {
+        validate_registry(registry).map_err(RegistryError::Invalid)?;
+        if hosts.is_empty() {
+            return Err(RegistryError::Invalid(format!(
+                "no hosts configured for registry {registry}"
+            )));
+        }
+        let builder = || {
+            reqwest::Client::builder()
+                .user_agent(opts.user_agent.clone())
+                .connect_timeout(opts.connect_timeout)
+                .read_timeout(opts.timeout)
+                .pool_idle_timeout(Duration::from_secs(90))
+                .tcp_nodelay(true)
         };
-        let scheme = if opts.plain_http { "http" } else { "https" };
-        let base = Url::parse(&format!("{scheme}://{api_host}/")).map_err(|e| {
-            RegistryError::Invalid(format!("invalid registry host {registry:?}: {e}"))
-        })?;
-        let http = reqwest::Client::builder()
-            .user_agent(opts.user_agent.clone())
-            .connect_timeout(opts.connect_timeout)
-            .read_timeout(opts.timeout)
-            .pool_idle_timeout(Duration::from_secs(90))
-            .tcp_nodelay(true)
-            .build()
-            .map_err(RegistryError::Client)?;
+        let shared = builder().build().map_err(RegistryError::Client)?;
+        let last = hosts.len() - 1;
+        let mut built = Vec::with_capacity(hosts.len());
+        for (i, config) in hosts.into_iter().enumerate() {
+            let http = if config.needs_own_client() {
+                config
+                    .configure_client(builder())?
+                    .build()
+                    .map_err(RegistryError::Client)?
+            } else {
+                shared.clone()
+            };
+            let upstream = config.is_upstream_of(registry);
+            let name = config.authority();
+            let auth_name = if upstream { registry } else { name.as_str() };
+            let auth = if upstream || i == last {
+                Authenticator::new(auth_name, http.clone(), opts)
+            } else {
+                let mirror_opts = ClientOptions {
+                    credentials: None,
+                    ..opts.clone()
+                };
+                Authenticator::new(auth_name, http.clone(), &mirror_opts)
+            };
+            let mut headers = HeaderMap::new();
+            for (n, v) in &config.headers {
+                headers.append(n.clone(), v.clone());
+            }
+            built.push(Host {
+                name,
+                mirror: !upstream,
+                http,
+                auth,
+                headers,
+                down_until: Mutex::new(None),
+                config,
+            });
+        }
+        let base = built[last].config.root_url();
         Ok(RegistryClient {
             registry: registry.to_string(),
-            auth: Authenticator::new(registry, http.clone(), opts),
             base,
-            http,
+            hosts: built,
             timeout: opts.timeout,
             attempts: opts.attempts.max(1),
             backoff: opts.retry_backoff,
@@ -138,42 +274,163 @@ impl RegistryClient {
         &self.registry
     }
 
-    /// `https://host/` (or `http://` with plain HTTP).
+    /// The server's root: `https://host/` (or `http://` with plain HTTP), or the
+    /// configured `server`.
     pub fn base_url(&self) -> &Url {
         &self.base
     }
 
-    /// Bearer tokens fetched so far (0 for registries without token auth).
+    /// The hosts serving this registry, in the order they are tried (mirrors, then the
+    /// server).
+    pub fn hosts(&self) -> impl Iterator<Item = &RegistryHost> {
+        self.hosts.iter().map(|h| &h.config)
+    }
+
+    /// Bearer tokens fetched so far, from all hosts (0 for registries without token auth).
     pub fn tokens_fetched(&self) -> u64 {
-        self.auth.tokens_fetched()
+        self.hosts.iter().map(|h| h.auth.tokens_fetched()).sum()
     }
 
-    fn url(&self, path: &str) -> Url {
-        self.base.join(path).expect("validated path components")
+    /// The server (the last host), with full retries.
+    fn server(&self) -> Via<'_> {
+        Via {
+            host: self.hosts.last().expect("at least one host"),
+            attempts: self.attempts,
+            registry: &self.registry,
+        }
     }
 
-    fn repo_url(&self, repo: &str, tail: &str) -> Result<Url, RegistryError> {
-        validate_repository(repo).map_err(RegistryError::Invalid)?;
-        Ok(self.url(&format!("v2/{repo}/{tail}")))
+    /// The host pushes go to: the first one with the `push` capability.
+    fn push_host(&self) -> Result<Via<'_>, RegistryError> {
+        let host = self
+            .hosts
+            .iter()
+            .find(|h| h.config.capabilities.contains(Capabilities::PUSH))
+            .ok_or_else(|| self.no_host(Capabilities::PUSH))?;
+        tracing::trace!(registry = %self.registry, host = %host.name, "push host");
+        Ok(Via {
+            host,
+            attempts: self.attempts,
+            registry: &self.registry,
+        })
+    }
+
+    fn no_host(&self, need: Capabilities) -> RegistryError {
+        let which = if [
+            Capabilities::PULL,
+            Capabilities::RESOLVE,
+            Capabilities::PUSH,
+        ]
+        .contains(&need)
+        {
+            "the capability"
+        } else {
+            "any of the capabilities"
+        };
+        RegistryError::Invalid(format!(
+            "no host configured for registry {} has {which} {need}",
+            self.registry
+        ))
+    }
+
+    /// Runs a pull-side operation on the hosts having any of the capabilities `need`,
+    /// in order, until one succeeds. Hosts before the last get one attempt (the next host
+    /// is the retry); a mirror that cannot be reached is skipped for [`MIRROR_COOLDOWN`].
+    /// The last host's error is returned when all fail.
+    async fn pull_from<'s, T, F, Fut>(
+        &'s self,
+        need: Capabilities,
+        what: &str,
+        mut op: F,
+    ) -> Result<T, RegistryError>
+    where
+        F: FnMut(Via<'s>) -> Fut,
+        Fut: Future<Output = Result<T, RegistryError>>,
+    {
+        let candidates: Vec<&Host> = self
+            .hosts
+            .iter()
+            .filter(|h| h.config.capabilities.intersects(need))
+            .collect();
+        let n = candidates.len();
+        if n == 0 {
+            return Err(self.no_host(need));
+        }
+        for (i, host) in candidates.into_iter().enumerate() {
+            let last = i + 1 == n;
+            if !last && host.cooling_down() {
+                tracing::debug!(registry = %self.registry, host = %host.name, what, "skipping a mirror that was unreachable recently");
+                continue;
+            }
+            let via = Via {
+                host,
+                attempts: if last { self.attempts } else { 1 },
+                registry: &self.registry,
+            };
+            match op(via).await {
+                Ok(v) => {
+                    tracing::debug!(registry = %self.registry, host = %host.name, mirror = host.mirror, what, "served by {}", host.name);
+                    return Ok(v);
+                }
+                Err(e) if last || !falls_back(&e) => return Err(e),
+                Err(e) => {
+                    if matches!(e, RegistryError::Transport { .. }) {
+                        host.cool_down();
+                        tracing::warn!(registry = %self.registry, host = %host.name, "{e}; skipping this mirror for {MIRROR_COOLDOWN:?}");
+                    } else if matches!(e.status(), Some(400..=499)) {
+                        // 404 (the mirror lacks it) is the common case; 401/403 means the
+                        // mirror wants credentials we do not have for it.
+                        tracing::debug!(registry = %self.registry, host = %host.name, what, "{e}; trying the next host");
+                    } else {
+                        tracing::warn!(registry = %self.registry, host = %host.name, "{e}; trying the next host");
+                    }
+                }
+            }
+        }
+        unreachable!("the last candidate returns")
     }
 
     /// `GET /v2/`: checks that the registry answers (and authenticates, if it asks).
+    /// The server is asked (not the mirrors).
     pub async fn ping(&self) -> Result<(), RegistryError> {
-        let req = Req::new(Method::GET, self.url("v2/"), Vec::new(), self.timeout);
+        let via = self.server();
+        let req = via.req(
+            Method::GET,
+            via.host.config.api.clone(),
+            Vec::new(),
+            self.timeout,
+        );
         let resp = self.execute(&req).await?;
         self.expect(&req, resp, &[StatusCode::OK]).await.map(drop)
     }
 
     /// The manifest `reference` (tag or digest) of `repo`: its bytes, media type and
     /// digest. A digest reference is verified, and so is `Docker-Content-Digest`.
+    ///
+    /// Mirrors: a tag is resolved by the hosts with the `resolve` capability; a digest
+    /// (content-addressed, verified) by those with `pull` or `resolve`.
     pub async fn get_manifest(
         &self,
         repo: &str,
         reference: &str,
     ) -> Result<(Bytes, String, Digest), RegistryError> {
         validate_manifest_reference(reference).map_err(RegistryError::Invalid)?;
-        let url = self.repo_url(repo, &format!("manifests/{reference}"))?;
-        let req = Req::new(Method::GET, url, pull(repo), self.timeout)
+        validate_repository(repo).map_err(RegistryError::Invalid)?;
+        self.pull_from(manifest_capability(reference), "manifest", |via| {
+            self.get_manifest_via(via, repo, reference)
+        })
+        .await
+    }
+
+    async fn get_manifest_via(
+        &self,
+        via: Via<'_>,
+        repo: &str,
+        reference: &str,
+    ) -> Result<(Bytes, String, Digest), RegistryError> {
+        let url = via.repo_url(repo, &format!("manifests/{reference}"))?;
+        let req = via
+            .req(Method::GET, url, pull(repo), self.timeout)
             .header(ACCEPT, media_types::MANIFEST_ACCEPT)?;
         let resp = self.execute(&req).await?;
         let resp = self.expect(&req, resp, &[StatusCode::OK]).await?;
@@ -210,19 +467,38 @@ impl RegistryClient {
     }
 
     /// `HEAD` of a manifest: its digest, media type and size, or `None` if unknown.
+    /// Mirrors as for [`get_manifest`](Self::get_manifest); `None` only when the last
+    /// host tried does not know it either.
     pub async fn head_manifest(
         &self,
         repo: &str,
         reference: &str,
     ) -> Result<Option<(Digest, String, u64)>, RegistryError> {
         validate_manifest_reference(reference).map_err(RegistryError::Invalid)?;
-        let url = self.repo_url(repo, &format!("manifests/{reference}"))?;
-        let req = Req::new(Method::HEAD, url, pull(repo), self.timeout)
+        validate_repository(repo).map_err(RegistryError::Invalid)?;
+        let r = self
+            .pull_from(manifest_capability(reference), "manifest HEAD", |via| {
+                self.head_manifest_via(via, repo, reference)
+            })
+            .await;
+        match r {
+            Err(e) if e.is_not_found() => Ok(None),
+            r => r.map(Some),
+        }
+    }
+
+    /// 404 is an error here, so that the next host is tried.
+    async fn head_manifest_via(
+        &self,
+        via: Via<'_>,
+        repo: &str,
+        reference: &str,
+    ) -> Result<(Digest, String, u64), RegistryError> {
+        let url = via.repo_url(repo, &format!("manifests/{reference}"))?;
+        let req = via
+            .req(Method::HEAD, url, pull(repo), self.timeout)
             .header(ACCEPT, media_types::MANIFEST_ACCEPT)?;
         let resp = self.execute(&req).await?;
-        if resp.status() == StatusCode::NOT_FOUND {
-            return Ok(None);
-        }
         let resp = self.expect(&req, resp, &[StatusCode::OK]).await?;
         let digest = header_str(resp.headers(), &DOCKER_CONTENT_DIGEST)
             .and_then(|h| Digest::parse(&h).ok())
@@ -232,7 +508,7 @@ impl RegistryClient {
             .map(|c| media_types::essence(&c).to_string())
             .unwrap_or_default();
         let size = content_length(resp.headers()).unwrap_or(0);
-        Ok(Some((digest, media_type, size)))
+        Ok((digest, media_type, size))
     }
 
     /// Uploads a manifest under `reference` (a tag, or its own digest). Returns its digest.
@@ -250,8 +526,10 @@ impl RegistryClient {
                 "cannot put manifest {digest} under the different digest {reference}"
             )));
         }
-        let url = self.repo_url(repo, &format!("manifests/{reference}"))?;
-        let mut req = Req::new(Method::PUT, url, push(repo), self.timeout)
+        let via = self.push_host()?;
+        let url = via.repo_url(repo, &format!("manifests/{reference}"))?;
+        let mut req = via
+            .req(Method::PUT, url, push(repo), self.timeout)
             .header(CONTENT_TYPE, media_type)?;
         req.body = Some(bytes);
         let resp = self.execute(&req).await?;
@@ -259,14 +537,16 @@ impl RegistryClient {
             .expect(&req, resp, &[StatusCode::CREATED, StatusCode::OK])
             .await?;
         self.check_returned_digest(&req, &resp, &digest)?;
-        tracing::debug!(registry = %self.registry, repo, reference, %digest, "pushed manifest");
+        tracing::debug!(registry = %self.registry, host = %via.host.name, repo, reference, %digest, "pushed manifest");
         Ok(digest)
     }
 
     /// Deletes a manifest (the registry must allow deletes).
+    /// Sent to the push host.
     pub async fn delete_manifest(&self, repo: &str, digest: &Digest) -> Result<(), RegistryError> {
-        let url = self.repo_url(repo, &format!("manifests/{digest}"))?;
-        let req = Req::new(
+        let via = self.push_host()?;
+        let url = via.repo_url(repo, &format!("manifests/{digest}"))?;
+        let req = via.req(
             Method::DELETE,
             url,
             vec![repository_scope(repo, "delete")],
@@ -283,9 +563,11 @@ impl RegistryClient {
     }
 
     /// Deletes a blob (the registry must allow deletes).
+    /// Sent to the push host.
     pub async fn delete_blob(&self, repo: &str, digest: &Digest) -> Result<(), RegistryError> {
-        let url = self.repo_url(repo, &format!("blobs/{digest}"))?;
-        let req = Req::new(
+        let via = self.push_host()?;
+        let url = via.repo_url(repo, &format!("blobs/{digest}"))?;
+        let req = via.req(
             Method::DELETE,
             url,
             vec![repository_scope(repo, "delete")],
@@ -301,14 +583,56 @@ impl RegistryClient {
         .map(drop)
     }
 
-    /// `HEAD` of a blob: its size if the repository has it.
+    /// `HEAD` of a blob: its size if the repository has it, asked of the host pushes go
+    /// to (the check before a push: a blob on a mirror is not on the registry). Without a
+    /// push host, the pull hosts are asked as by [`head_blob`](Self::head_blob).
     pub async fn blob_exists(
         &self,
         repo: &str,
         digest: &Digest,
     ) -> Result<Option<u64>, RegistryError> {
-        let url = self.repo_url(repo, &format!("blobs/{digest}"))?;
-        let req = Req::new(Method::HEAD, url, pull(repo), self.timeout);
+        match self.push_host() {
+            Ok(via) => self.blob_exists_via(via, repo, digest).await,
+            Err(_) => self.head_blob(repo, digest).await,
+        }
+    }
+
+    /// `HEAD` of a blob through the hosts with the `pull` capability (mirrors first): its
+    /// size, or `None` when the last host tried does not have it either.
+    pub async fn head_blob(
+        &self,
+        repo: &str,
+        digest: &Digest,
+    ) -> Result<Option<u64>, RegistryError> {
+        validate_repository(repo).map_err(RegistryError::Invalid)?;
+        let r = self
+            .pull_from(Capabilities::PULL, "blob HEAD", |via| async move {
+                match self.blob_exists_via(via, repo, digest).await? {
+                    Some(size) => Ok(size),
+                    None => Err(RegistryError::Status {
+                        method: "HEAD".into(),
+                        url: display_url(&via.repo_url(repo, &format!("blobs/{digest}"))?),
+                        status: 404,
+                        body: "(empty body)".into(),
+                        hint: None,
+                    }),
+                }
+            })
+            .await;
+        match r {
+            Err(e) if e.is_not_found() => Ok(None),
+            r => r.map(Some),
+        }
+    }
+
+    async fn blob_exists_via(
+        &self,
+        via: Via<'_>,
+        repo: &str,
+        digest: &Digest,
+    ) -> Result<Option<u64>, RegistryError> {
+        let url = via.repo_url(repo, &format!("blobs/{digest}"))?;
+        let req = via.req(Method::HEAD, url, pull(repo), self.timeout);
         let resp = self.execute(&req).await?;
         if resp.status() == StatusCode::NOT_FOUND {
             return Ok(None);
@@ -320,13 +644,28 @@ impl RegistryClient {
     }
 
     /// Starts downloading a blob. The stream is not verified; hash it as it is read.
+    /// Mirrors: the hosts with the `pull` capability (a failure after the download
+    /// started is not retried elsewhere).
     pub async fn get_blob(
         &self,
         repo: &str,
         digest: &Digest,
     ) -> Result<BlobDownload, RegistryError> {
-        let url = self.repo_url(repo, &format!("blobs/{digest}"))?;
-        let mut req = Req::new(Method::GET, url, pull(repo), self.timeout);
+        validate_repository(repo).map_err(RegistryError::Invalid)?;
+        self.pull_from(Capabilities::PULL, "blob", |via| {
+            self.get_blob_via(via, repo, digest)
+        })
+        .await
+    }
+
+    async fn get_blob_via(
+        &self,
+        via: Via<'_>,
+        repo: &str,
+        digest: &Digest,
+    ) -> Result<BlobDownload, RegistryError> {
+        let url = via.repo_url(repo, &format!("blobs/{digest}"))?;
+        let mut req = via.req(Method::GET, url, pull(repo), self.timeout);
         req.timeout = None;
         let resp = self.execute(&req).await?;
         let resp = self.expect(&req, resp, &[StatusCode::OK]).await?;
@@ -341,14 +680,28 @@ impl RegistryClient {
         })
     }
 
-    /// Downloads a whole blob into memory and verifies it.
+    /// Downloads a whole blob into memory and verifies it. Mirrors: the hosts with the
+    /// `pull` capability (a host sending wrong bytes counts as failed).
     pub async fn get_blob_bytes(
         &self,
         repo: &str,
         digest: &Digest,
     ) -> Result<Bytes, RegistryError> {
-        let url = self.repo_url(repo, &format!("blobs/{digest}"))?;
-        let mut req = Req::new(Method::GET, url, pull(repo), self.timeout);
+        validate_repository(repo).map_err(RegistryError::Invalid)?;
+        self.pull_from(Capabilities::PULL, "blob", |via| {
+            self.get_blob_bytes_via(via, repo, digest)
+        })
+        .await
+    }
+
+    async fn get_blob_bytes_via(
+        &self,
+        via: Via<'_>,
+        repo: &str,
+        digest: &Digest,
+    ) -> Result<Bytes, RegistryError> {
+        let url = via.repo_url(repo, &format!("blobs/{digest}"))?;
+        let mut req = via.req(Method::GET, url, pull(repo), self.timeout);
         req.timeout = None;
         let resp = self.execute(&req).await?;
         let resp = self.expect(&req, resp, &[StatusCode::OK]).await?;
@@ -370,7 +723,8 @@ impl RegistryClient {
 
     /// Exactly `len` bytes of a blob from `offset`, with one Range request. The answer
     /// must be 206 with the requested range; a 200 (Range ignored) is accepted only for
-    /// blobs up to [`MAX_RANGE_FALLBACK_SIZE`], verified and sliced.
+    /// blobs up to [`MAX_RANGE_FALLBACK_SIZE`], verified and sliced. Mirrors: the hosts
+    /// with the `pull` capability.
     pub async fn get_blob_range(
         &self,
         repo: &str,
@@ -384,8 +738,25 @@ impl RegistryClient {
         let last = offset
             .checked_add(len - 1)
             .ok_or_else(|| RegistryError::Invalid(format!("range {offset}+{len} overflows")))?;
-        let url = self.repo_url(repo, &format!("blobs/{digest}"))?;
-        let req = Req::new(Method::GET, url, pull(repo), self.timeout)
+        validate_repository(repo).map_err(RegistryError::Invalid)?;
+        self.pull_from(Capabilities::PULL, "blob range", |via| {
+            self.get_blob_range_via(via, repo, digest, offset, len, last)
+        })
+        .await
+    }
+
+    async fn get_blob_range_via(
+        &self,
+        via: Via<'_>,
+        repo: &str,
+        digest: &Digest,
+        offset: u64,
+        len: u64,
+        last: u64,
+    ) -> Result<Bytes, RegistryError> {
+        let url = via.repo_url(repo, &format!("blobs/{digest}"))?;
+        let req = via
+            .req(Method::GET, url, pull(repo), self.timeout)
             .header(RANGE, &format!("bytes={offset}-{last}"))?;
         let resp = self.execute(&req).await?;
         match resp.status() {
@@ -451,7 +822,8 @@ impl RegistryClient {
     }
 
     /// Uploads a blob: `POST /blobs/uploads/`, then one monolithic `PUT ?digest=`.
-    /// `bytes` must hash to `digest` (checked before anything is sent).
+    /// `bytes` must hash to `digest` (checked before anything is sent). Sent to the push
+    /// host (the first with the `push` capability: the registry itself by default).
     pub async fn push_blob(
         &self,
         repo: &str,
@@ -464,11 +836,12 @@ impl RegistryClient {
                 "refusing to push blob as {digest}: its content hashes to {actual}"
             )));
         }
+        let via = self.push_host()?;
         let mut attempt = 1;
         loop {
-            match self.push_blob_once(repo, digest, &bytes).await {
+            match self.push_blob_once(via, repo, digest, &bytes).await {
                 Ok(()) => {
-                    tracing::debug!(registry = %self.registry, repo, %digest, size = bytes.len(), "pushed blob");
+                    tracing::debug!(registry = %self.registry, host = %via.host.name, repo, %digest, size = bytes.len(), "pushed blob");
                     return Ok(());
                 }
                 Err(e) if e.is_retryable() && attempt < self.attempts => {
@@ -483,12 +856,13 @@ impl RegistryClient {
 
     async fn push_blob_once(
         &self,
+        via: Via<'_>,
         repo: &str,
         digest: &Digest,
         bytes: &Bytes,
     ) -> Result<(), RegistryError> {
-        let url = self.repo_url(repo, "blobs/uploads/")?;
-        let mut post = Req::new(Method::POST, url, push(repo), self.timeout);
+        let url = via.repo_url(repo, "blobs/uploads/")?;
+        let mut post = via.req(Method::POST, url, push(repo), self.timeout);
         post.retry = false;
         post.headers
             .insert(CONTENT_LENGTH, HeaderValue::from_static("0"));
@@ -500,7 +874,8 @@ impl RegistryClient {
             .query_pairs_mut()
             .append_pair("digest", digest.as_str());
         let extra = Duration::from_secs(bytes.len() as u64 / MIN_UPLOAD_BYTES_PER_SEC);
-        let mut put = Req::new(Method::PUT, location, push(repo), self.timeout + extra)
+        let mut put = via
+            .req(Method::PUT, location, push(repo), self.timeout + extra)
             .header(CONTENT_TYPE, "application/octet-stream")?;
         put.retry = false;
         put.body = Some(bytes.clone());
@@ -511,6 +886,7 @@ impl RegistryClient {
 
     /// Cross-repository mount of `digest` from `from_repo` into `repo`. `true` if
     /// mounted; `false` if the registry started an upload instead (it is cancelled).
+    /// Sent to the push host.
     pub async fn mount_blob(
         &self,
         repo: &str,
@@ -518,13 +894,14 @@ impl RegistryClient {
         from_repo: &str,
     ) -> Result<bool, RegistryError> {
         validate_repository(from_repo).map_err(RegistryError::Invalid)?;
-        let mut url = self.repo_url(repo, "blobs/uploads/")?;
+        let via = self.push_host()?;
+        let mut url = via.repo_url(repo, "blobs/uploads/")?;
         url.query_pairs_mut()
             .append_pair("mount", digest.as_str())
             .append_pair("from", from_repo);
         let mut scopes = push(repo);
         scopes.push(repository_scope(from_repo, "pull"));
-        let mut req = Req::new(Method::POST, url, scopes, self.timeout);
+        let mut req = via.req(Method::POST, url, scopes, self.timeout);
         req.headers
             .insert(CONTENT_LENGTH, HeaderValue::from_static("0"));
         let resp = self.execute(&req).await?;
@@ -538,7 +915,7 @@ impl RegistryClient {
                 // Not mounted: an upload session was opened; close it.
                 if let Ok(loc) = self.location(&req, &resp) {
                     drop(resp);
-                    let mut del = Req::new(Method::DELETE, loc, push(repo), self.timeout);
+                    let mut del = via.req(Method::DELETE, loc, push(repo), self.timeout);
                     del.retry = false;
                     match self.execute(&del).await {
                         Ok(r) if r.status().is_success() || r.status() == StatusCode::NOT_FOUND => {
@@ -555,7 +932,7 @@ impl RegistryClient {
         }
     }
 
-    fn location(&self, req: &Req, resp: &Response) -> Result<Url, RegistryError> {
+    fn location(&self, req: &Req<'_>, resp: &Response) -> Result<Url, RegistryError> {
         let loc = header_str(resp.headers(), &LOCATION).ok_or_else(|| {
             self.protocol(req, format!("{} without a Location header", resp.status()))
         })?;
@@ -567,7 +944,7 @@ impl RegistryClient {
 
     fn check_returned_digest(
         &self,
-        req: &Req,
+        req: &Req<'_>,
         resp: &Response,
         digest: &Digest,
     ) -> Result<(), RegistryError> {
@@ -590,22 +967,23 @@ impl RegistryClient {
 
     /// Sends `req`, re-authenticating once on 401 and retrying transport errors, 429 and
     /// 5xx (if `req.retry`). Returns the final response whatever its status.
-    async fn execute(&self, req: &Req) -> Result<Response, RegistryError> {
+    async fn execute(&self, req: &Req<'_>) -> Result<Response, RegistryError> {
+        let host = req.via.host;
+        let attempts = req.via.attempts;
         let mut attempt = 1u32;
         let mut reauthed = false;
-        let mut auth = self.auth.authorization(&req.scopes).await?;
+        let mut auth = host.auth.authorization(&req.scopes).await?;
         loop {
             let result = self.send_once(req, &auth).await;
             let url = display_url(&req.url);
             match result {
                 Err(e) => {
-                    if req.retry && transport_retryable(&e) && attempt < self.attempts {
+                    if req.retry && transport_retryable(&e) && attempt < attempts {
                         let delay = self.backoff_delay(attempt);
                         tracing::warn!(
-                            "{} {url}: {} (attempt {attempt}/{}, retrying in {delay:?})",
+                            "{} {url}: {} (attempt {attempt}/{attempts}, retrying in {delay:?})",
                             req.method,
                             e.without_url(),
-                            self.attempts
                         );
                         tokio::time::sleep(delay).await;
                         attempt += 1;
@@ -622,7 +1000,7 @@ impl RegistryClient {
                     tracing::trace!(method = %req.method, url, status = status.as_u16(), "registry response");
                     if status == StatusCode::UNAUTHORIZED && !reauthed {
                         reauthed = true;
-                        if let Some(next) = self
+                        if let Some(next) = host
                             .auth
                             .on_unauthorized(resp.headers(), &req.scopes, &auth)
                             .await?
@@ -632,17 +1010,15 @@ impl RegistryClient {
                         }
                     }
                     if status == StatusCode::UNAUTHORIZED {
-                        let hint = self.auth.unauthorized_hint().await;
+                        let hint = host.auth.unauthorized_hint().await;
                         return Err(self.status_error(req, resp, Some(hint)).await);
                     }
-                    if req.retry && is_retryable_status(status.as_u16()) && attempt < self.attempts
-                    {
+                    if req.retry && is_retryable_status(status.as_u16()) && attempt < attempts {
                         let delay = retry_after(resp.headers())
                             .unwrap_or_else(|| self.backoff_delay(attempt));
                         tracing::warn!(
-                            "{} {url}: HTTP {status} (attempt {attempt}/{}, retrying in {delay:?})",
+                            "{} {url}: HTTP {status} (attempt {attempt}/{attempts}, retrying in {delay:?})",
                             req.method,
-                            self.attempts
                         );
                         drop(resp);
                         tokio::time::sleep(delay).await;
@@ -655,14 +1031,21 @@ impl RegistryClient {
         }
     }
 
-    async fn send_once(&self, req: &Req, auth: &SentAuth) -> Result<Response, reqwest::Error> {
-        let mut rb = self
+    /// One request: the host's configured headers, then the request's own (replacing
+    /// configured ones of the same name), then the Authorization we negotiated.
+    async fn send_once(&self, req: &Req<'_>, auth: &SentAuth) -> Result<Response, reqwest::Error> {
+        let host = req.via.host;
+        let mut headers = host.headers.clone();
+        for (name, value) in &req.headers {
+            headers.insert(name.clone(), value.clone());
+        }
+        if let Some(v) = &auth.value {
+            headers.insert(reqwest::header::AUTHORIZATION, v.clone());
+        }
+        let mut rb = host
             .http
             .request(req.method.clone(), req.url.clone())
-            .headers(req.headers.clone());
-        if let Some(v) = &auth.value {
-            rb = rb.header(reqwest::header::AUTHORIZATION, v.clone());
-        }
+            .headers(headers);
         if let Some(b) = &req.body {
             rb = rb.body(b.clone());
         }
@@ -679,7 +1062,7 @@ impl RegistryClient {
     /// `resp` if its status is one of `ok`, else the error.
     async fn expect(
         &self,
-        req: &Req,
+        req: &Req<'_>,
         resp: Response,
         ok: &[StatusCode],
     ) -> Result<Response, RegistryError> {
@@ -690,7 +1073,12 @@ impl RegistryClient {
         }
     }
 
-    async fn status_error(&self, req: &Req, resp: Response, hint: Option<String>) -> RegistryError {
+    async fn status_error(
+        &self,
+        req: &Req<'_>,
+        resp: Response,
+        hint: Option<String>,
+    ) -> RegistryError {
         let status = resp.status().as_u16();
         let hint = hint.or_else(|| match status {
             403 => Some("access denied".to_string()),
@@ -707,7 +1095,7 @@ impl RegistryClient {
         }
     }
 
-    fn protocol(&self, req: &Req, message: String) -> RegistryError {
+    fn protocol(&self, req: &Req<'_>, message: String) -> RegistryError {
         RegistryError::Protocol {
             method: req.method.to_string(),
             url: display_url(&req.url),
@@ -717,7 +1105,7 @@ impl RegistryClient {
 
     async fn read_limited(
         &self,
-        req: &Req,
+        req: &Req<'_>,
         mut resp: Response,
         limit: u64,
         what: &str,
@@ -751,6 +1139,16 @@ impl RegistryClient {
                 }
             }
         }
+    }
+}
+
+/// The capabilities a host needs to serve a manifest: `resolve` for a tag; for a digest
+/// (content-addressed and verified) `pull` will do as well.
+fn manifest_capability(reference: &str) -> Capabilities {
+    if reference.contains(':') {
+        Capabilities::PULL | Capabilities::RESOLVE
+    } else {
+        Capabilities::RESOLVE
     }
 }
 
@@ -809,7 +1207,7 @@ pub(crate) fn display_url(url: &Url) -> String {
         let pairs: Vec<String> = url
             .query_pairs()
             .map(|(k, v)| match &*k {
-                "digest" | "mount" | "from" | "service" | "scope" | "n" | "last" => {
+                "digest" | "mount" | "from" | "service" | "scope" | "n" | "last" | "ns" => {
                     format!("{k}={v}")
                 }
                 _ => format!("{k}=…"),

@@ -7,6 +7,7 @@
 pub mod auth;
 pub mod client;
 pub mod docker_config;
+pub mod hosts;
 
 use std::fmt;
 use std::path::PathBuf;
@@ -14,6 +15,7 @@ use std::time::Duration;
 
 pub use client::{BlobDownload, RegistryClient};
 pub use docker_config::{CredentialError, DockerConfig};
+pub use hosts::{Capabilities, HostsError, RegistryHost};
 
 use crate::oci::DigestMismatch;
 
@@ -89,6 +91,11 @@ pub struct ClientOptions {
     /// First retry delay; doubles per attempt (capped at 30 s), with jitter.
     pub retry_backoff: Duration,
     pub user_agent: String,
+    /// Per-registry hosts (mirrors) in containerd's `hosts.toml` format: a directory
+    /// with one `host[:port]/hosts.toml` per registry, plus `_default/hosts.toml` (e.g.
+    /// `/etc/containerd/certs.d`). `None`: every registry is served by itself only.
+    /// See [`hosts`].
+    pub hosts_dir: Option<PathBuf>,
 }
 
 impl Default for ClientOptions {
@@ -102,6 +109,7 @@ impl Default for ClientOptions {
             attempts: 4,
             retry_backoff: Duration::from_millis(250),
             user_agent: concat!("dedup-snapshotter/", env!("CARGO_PKG_VERSION")).to_string(),
+            hosts_dir: None,
         }
     }
 }
@@ -156,6 +164,9 @@ pub enum RegistryError {
     Invalid(String),
     #[error("creating the HTTP client: {0}")]
     Client(#[source] reqwest::Error),
+    /// The hosts configuration ([`ClientOptions::hosts_dir`]) is invalid.
+    #[error(transparent)]
+    Hosts(#[from] HostsError),
 }
 
 fn reason(status: u16) -> String {
