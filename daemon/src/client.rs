@@ -83,6 +83,17 @@ pub fn daemon_answers(socket: &Path) -> bool {
 pub fn rpc_error(what: &str, status: tonic::Status) -> anyhow::Error {
     let msg = status.message();
     let code = status.code();
+    // The daemon drops connections from peers that are neither root nor its own user
+    // before any gRPC exchange; depending on timing the client sees that as a failed
+    // connect or as a cancelled call.
+    if matches!(code, tonic::Code::Cancelled | tonic::Code::Unavailable) {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            return anyhow::anyhow!(
+                "{what}: connecting to dedupd on the control socket failed ({msg}): the control socket is only for root"
+            );
+        }
+    }
     if msg.is_empty() {
         anyhow::anyhow!("{what}: {}", code.description())
     } else {
