@@ -30,6 +30,49 @@ pub struct Config {
     /// Registry mirrors in containerd's hosts.toml layout (`<dir>/<host>/hosts.toml`).
     pub hosts_dir: Option<PathBuf>,
     pub fetch: FetchConfig,
+    pub trace: TraceConfig,
+    pub prefetch: PrefetchConfig,
+}
+
+/// Recording of access traces (`<root>/traces/`).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TraceConfig {
+    /// Record the first-access order of each image's chunks.
+    pub record: bool,
+    /// A recording ends this many seconds after the last on-demand miss...
+    pub idle_secs: f64,
+    /// ... or this many seconds after the first one.
+    pub window_secs: f64,
+}
+
+/// Trace-driven prefetch.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PrefetchConfig {
+    /// Replay the stored trace of an image when it is registered.
+    pub auto_replay: bool,
+    /// Batches of chunks (16 each) a replay keeps in flight.
+    pub concurrency: usize,
+}
+
+impl Default for TraceConfig {
+    fn default() -> Self {
+        TraceConfig {
+            record: true,
+            idle_secs: 5.0,
+            window_secs: 60.0,
+        }
+    }
+}
+
+impl Default for PrefetchConfig {
+    fn default() -> Self {
+        PrefetchConfig {
+            auto_replay: true,
+            concurrency: 4,
+        }
+    }
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -54,6 +97,8 @@ impl Default for Config {
             metrics_address: String::new(),
             hosts_dir: None,
             fetch: FetchConfig::default(),
+            trace: TraceConfig::default(),
+            prefetch: PrefetchConfig::default(),
         }
     }
 }
@@ -118,6 +163,24 @@ impl Config {
                 self.fetch.request_timeout_secs
             );
         }
+        if !(self.trace.idle_secs > 0.0 && self.trace.idle_secs <= 3600.0) {
+            bail!(
+                "trace.idle_secs: {} must be within (0, 3600]",
+                self.trace.idle_secs
+            );
+        }
+        if !(self.trace.window_secs > 0.0 && self.trace.window_secs <= 86400.0) {
+            bail!(
+                "trace.window_secs: {} must be within (0, 86400]",
+                self.trace.window_secs
+            );
+        }
+        if !(1..=256).contains(&self.prefetch.concurrency) {
+            bail!(
+                "prefetch.concurrency: {} must be within 1..=256",
+                self.prefetch.concurrency
+            );
+        }
         if let Some(d) = &self.hosts_dir
             && !d.is_absolute()
         {
@@ -169,5 +232,13 @@ mod tests {
         assert_eq!(c.root, PathBuf::from("/srv/d"));
         assert_eq!(c.deadline(), Duration::from_millis(2500));
         assert_eq!(c.fetch.concurrency, 16);
+        assert!(c.prefetch.auto_replay && c.trace.record);
+        let c = Config::parse("[prefetch]\nauto_replay = false\n[trace]\nidle_secs = 0.5").unwrap();
+        assert!(!c.prefetch.auto_replay);
+        assert_eq!(c.trace.idle_secs, 0.5);
+        let e = Config::parse("[trace]\nidle_secs = 0")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("trace.idle_secs"), "{e}");
     }
 }

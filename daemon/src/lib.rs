@@ -8,3 +8,4 @@ pub mod frontend;
 pub mod local_mount;
 pub mod service;
 pub mod store;
+pub mod trace;

@@ -29,6 +29,7 @@ use crate::frontend::fanotify::holder::{
 use crate::frontend::fanotify::server;
 use crate::local_mount::{self, NodeRoot};
 use crate::store::{Store, StoreOptions, Written};
+use crate::trace::{self, Recorder, RecorderOptions, Trace};
 
 /// Writes chunks through the store (whose descriptor came from the holder) and keeps
 /// the write receipts until their chunks are marked present.
@@ -70,6 +71,8 @@ pub struct Daemon {
     started: Instant,
     /// Mounts to undo at shutdown, in the order made (read by the holder too).
     mounts_file: PathBuf,
+    /// Records access traces (None when `trace.record` is off).
+    recorder: Option<Arc<Recorder>>,
 }
 
 impl Daemon {
@@ -138,6 +141,12 @@ impl Daemon {
             },
         );
         self.save_registration(reference, plain_http)?;
+        if let Some(rec) = &self.recorder {
+            rec.add_image(reference, &image);
+        }
+        if self.cfg.prefetch.auto_replay {
+            self.auto_replay(reference, &image);
+        }
         tracing::info!(
             reference,
             layers = image.layers.len(),
@@ -174,6 +183,63 @@ impl Daemon {
             tracing::info!(image = %reference, chunks = slots.len(), secs = start.elapsed().as_secs_f64(), "background fill done");
         });
         Ok(())
+    }
+
+    fn traces_dir(&self) -> PathBuf {
+        self.cfg.root.join("traces")
+    }
+
+    /// Replays the stored trace of a newly registered image, if there is one.
+    fn auto_replay(&self, reference: &str, image: &Arc<ConvertedImage>) {
+        let path = Recorder::path_for(&self.traces_dir(), image.manifest_digest.as_ref());
+        let bytes = match std::fs::read(&path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return,
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %e, "reading a stored trace failed");
+                return;
+            }
+        };
+        let trace = match Trace::parse(&bytes) {
+            Ok(t) => t,
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %format!("{e:#}"), "stored trace is unusable; not replayed");
+                return;
+            }
+        };
+        let store = self.store.clone();
+        let core = self.core.clone();
+        let image = image.clone();
+        let concurrency = self.cfg.prefetch.concurrency;
+        let reference = reference.to_string();
+        tokio::spawn(async move {
+            tracing::info!(image = %reference, chunks = trace.entries.len(), "replaying the stored access trace");
+            let plan = match tokio::task::spawn_blocking(move || {
+                trace::replay::plan(&store, &image, &trace)
+            })
+            .await
+            {
+                Ok(Ok(p)) => p,
+                Ok(Err(e)) => {
+                    tracing::warn!(image = %reference, error = %format!("{e:#}"), "trace replay failed");
+                    return;
+                }
+                Err(e) => {
+                    tracing::warn!(image = %reference, error = %e, "trace replay failed");
+                    return;
+                }
+            };
+            trace::replay::run(core, plan, concurrency, |_| {}).await;
+        });
+    }
+
+    /// The registered image of `reference`.
+    async fn registered(&self, reference: &str) -> Option<Arc<ConvertedImage>> {
+        self.images
+            .lock()
+            .await
+            .get(reference)
+            .map(|r| r.image.clone())
     }
 
     fn registrations_path(&self) -> PathBuf {
@@ -339,6 +405,9 @@ impl DaemonOps for Daemon {
             );
         }
         self.core.render_metrics(&mut out);
+        if let Some(rec) = &self.recorder {
+            rec.render_metrics(&mut out);
+        }
         if let Ok(st) = self.store.stats() {
             let _ = writeln!(
                 out,
@@ -354,7 +423,88 @@ impl DaemonOps for Daemon {
     }
 
     async fn export_trace(&self, reference: &str) -> Result<Vec<u8>> {
-        Err(OpError::not_found(format!("no access trace recorded for {reference}")).into())
+        let image = self.registered(reference).await.ok_or_else(|| {
+            OpError::not_found(format!("{reference} is not registered with this dedupd"))
+        })?;
+        let manifest = image.manifest_digest.to_string();
+        let stored = match &self.recorder {
+            Some(rec) => rec.export(&manifest)?,
+            None => match std::fs::read(Recorder::path_for(&self.traces_dir(), &manifest)) {
+                Ok(b) => Some(b),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+                Err(e) => return Err(e.into()),
+            },
+        };
+        stored.ok_or_else(|| {
+            OpError::not_found(format!(
+                "no access trace recorded for {reference} ({manifest}) yet"
+            ))
+            .into()
+        })
+    }
+
+    async fn replay_trace(&self, reference: &str, data: Vec<u8>) -> Result<control::ReplayStream> {
+        let trace =
+            Trace::parse(&data).map_err(|e| OpError::invalid_argument(format!("data: {e:#}")))?;
+        let image = self.registered(reference).await.ok_or_else(|| {
+            OpError::failed_precondition(format!(
+                "{reference} is not registered with this dedupd: register or mount it first"
+            ))
+        })?;
+        let store = self.store.clone();
+        let img = image.clone();
+        let plan = tokio::task::spawn_blocking(move || trace::replay::plan(&store, &img, &trace))
+            .await??;
+        tracing::info!(
+            image = reference,
+            chunks = plan.slots.len(),
+            not_in_image = plan.not_in_image,
+            "replaying a trace"
+        );
+        let (tx, rx) = tokio::sync::mpsc::channel(16);
+        let (wtx, mut wrx) = tokio::sync::watch::channel(trace::replay::Progress::default());
+        let core = self.core.clone();
+        let concurrency = self.cfg.prefetch.concurrency;
+        tokio::spawn(async move {
+            let p = trace::replay::run(
+                core,
+                plan,
+                concurrency,
+                trace::replay::throttled(Duration::from_millis(100), move |p| {
+                    wtx.send_replace(*p);
+                }),
+            )
+            .await;
+            tracing::debug!(?p, "replay finished");
+        });
+        tokio::spawn(async move {
+            let to_proto = |p: &trace::replay::Progress| proto::ReplayProgress {
+                done: p.done,
+                total: p.total,
+                fetched_bytes: p.fetched_bytes,
+            };
+            loop {
+                let ended = wrx.changed().await.is_err();
+                let p = *wrx.borrow_and_update();
+                if ended {
+                    let last = if p.failed > 0 {
+                        Err(anyhow!(
+                            "{} of {} chunks could not be fetched (see dedupd's log)",
+                            p.failed,
+                            p.total
+                        ))
+                    } else {
+                        Ok(to_proto(&p))
+                    };
+                    let _ = tx.send(last).await;
+                    return;
+                }
+                if tx.send(Ok(to_proto(&p))).await.is_err() {
+                    return;
+                }
+            }
+        });
+        Ok(rx)
     }
 }
 
@@ -404,6 +554,16 @@ pub async fn run_server(cfg: Config) -> Result<()> {
         },
     );
     let mounts_file = cfg.root.join("mounts").join("dedupd.list");
+    let recorder = cfg.trace.record.then(|| {
+        Recorder::start(
+            core.clone(),
+            RecorderOptions {
+                idle: Duration::from_secs_f64(cfg.trace.idle_secs),
+                window: Duration::from_secs_f64(cfg.trace.window_secs),
+                dir: cfg.root.join("traces"),
+            },
+        )
+    });
     let daemon = Arc::new(Daemon {
         cfg: cfg.clone(),
         root,
@@ -412,6 +572,7 @@ pub async fn run_server(cfg: Config) -> Result<()> {
         images: tokio::sync::Mutex::new(BTreeMap::new()),
         started: Instant::now(),
         mounts_file,
+        recorder,
     });
     reregister(&daemon).await;
 

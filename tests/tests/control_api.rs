@@ -133,6 +133,35 @@ impl DaemonOps for FakeOps {
         Self::outcome(reference)?;
         Ok(b"trace-bytes".to_vec())
     }
+
+    async fn replay_trace(
+        &self,
+        reference: &str,
+        data: Vec<u8>,
+    ) -> anyhow::Result<control::ReplayStream> {
+        self.record(format!(
+            "replay {reference} {}",
+            String::from_utf8_lossy(&data)
+        ));
+        Self::outcome(reference)?;
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        tokio::spawn(async move {
+            for done in 0..=2 {
+                let p = proto::ReplayProgress {
+                    done,
+                    total: 2,
+                    fetched_bytes: done * 100,
+                };
+                let _ = tx.send(Ok(p)).await;
+            }
+            if data == b"fail" {
+                let _ = tx
+                    .send(Err(OpError::unavailable("registry went away").into()))
+                    .await;
+            }
+        });
+        Ok(rx)
+    }
 }
 
 struct Running {
@@ -269,15 +298,46 @@ async fn every_rpc_round_trips() {
     let e = c.register_image(req).await.unwrap_err();
     assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
 
-    // Reserved for later: validated, then Unimplemented.
-    let e = c
+    // Replay streams progress; an error item ends the stream with its status.
+    let mut s = c
         .replay_trace(proto::ReplayTraceRequest {
             data: b"t".to_vec(),
             reference: "reg/app:1".into(),
         })
         .await
+        .unwrap()
+        .into_inner();
+    let mut got = Vec::new();
+    while let Some(p) = s.message().await.unwrap() {
+        got.push((p.done, p.total, p.fetched_bytes));
+    }
+    assert_eq!(got, [(0, 2, 0), (1, 2, 100), (2, 2, 200)]);
+    let mut s = c
+        .replay_trace(proto::ReplayTraceRequest {
+            data: b"fail".to_vec(),
+            reference: "reg/app:1".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut n = 0;
+    let e = loop {
+        match s.message().await {
+            Ok(Some(_)) => n += 1,
+            Ok(None) => panic!("the failure was not reported"),
+            Err(e) => break e,
+        }
+    };
+    assert_eq!(n, 3);
+    assert_eq!(e.code(), Code::Unavailable, "{e:?}");
+    let e = c
+        .replay_trace(proto::ReplayTraceRequest {
+            data: b"t".to_vec(),
+            reference: "notfound/x:1".into(),
+        })
+        .await
         .unwrap_err();
-    assert_eq!(e.code(), Code::Unimplemented);
+    assert_eq!(e.code(), Code::NotFound, "{e:?}");
 
     assert_eq!(
         srv.ops.calls(),
@@ -289,6 +349,9 @@ async fn every_rpc_round_trips() {
             "metrics",
             "export reg/app:1",
             "register reg/app:2 false",
+            "replay reg/app:1 t",
+            "replay reg/app:1 fail",
+            "replay notfound/x:1 t",
         ]
     );
     srv.stop().await;

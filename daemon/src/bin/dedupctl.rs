@@ -12,6 +12,7 @@ use clap::{Args, Parser, Subcommand};
 use dedup_daemon::client;
 use dedup_daemon::local_mount::{self, DEFAULT_ROOT, MountOptions, NodeRoot};
 use dedup_daemon::store::StoreOptions;
+use dedup_daemon::trace::{self, Trace};
 use dedup_image::convert::{self, ChunkingOptions, ConvertOptions};
 use dedup_image::endpoint::Endpoint;
 use dedup_image::registry::{ClientOptions, Credentials};
@@ -64,6 +65,50 @@ enum Command {
     Status,
     /// Print dedupd's metrics (Prometheus text format).
     Metrics,
+    /// Access traces: export what dedupd recorded, merge, show.
+    #[command(subcommand)]
+    Trace(TraceCommand),
+    /// Prefetch the chunks of an access trace through dedupd (at prefetch priority:
+    /// reads go first).
+    ///
+    /// SOURCE is a trace file (the image is --image, else the reference in the trace)
+    /// or an image reference (dedupd replays the trace it recorded for it). The image
+    /// is registered first.
+    TraceReplay(TraceReplayArgs),
+}
+
+#[derive(Subcommand)]
+enum TraceCommand {
+    /// Write the trace dedupd recorded for a registered image to FILE.
+    Export {
+        /// Image reference, as registered.
+        image: String,
+        file: PathBuf,
+    },
+    /// Merge two traces of the same image (union; a chunk's place is its earliest
+    /// relative position in either, ties by the mean).
+    Merge {
+        a: PathBuf,
+        b: PathBuf,
+        out: PathBuf,
+    },
+    /// Check a trace file and print its header and size.
+    Show { file: PathBuf },
+}
+
+#[derive(Args)]
+struct TraceReplayArgs {
+    /// Talk to the registry over plain HTTP when registering (never the default).
+    #[arg(long)]
+    plain_http: bool,
+    /// The image to prefetch for (default: the reference recorded in the trace file).
+    #[arg(long)]
+    image: Option<String>,
+    /// No progress bar.
+    #[arg(long)]
+    quiet: bool,
+    /// A trace file, or an image reference.
+    source: String,
 }
 
 #[derive(Args)]
@@ -339,6 +384,8 @@ async fn run(cli: Cli) -> Result<()> {
                 .map_err(|e| client::rpc_error("metrics", e))?;
             print!("{}", m.get_ref().prometheus_text);
         }
+        Command::Trace(t) => trace_command(&socket, t).await?,
+        Command::TraceReplay(a) => trace_replay(&socket, &a).await?,
         Command::Check(a) => {
             let ropts = a.registry.options()?;
             let src = Arc::new(Endpoint::parse(&a.image, &ropts).with_context(|| a.image.clone())?);
@@ -354,6 +401,166 @@ async fn run(cli: Cli) -> Result<()> {
             );
         }
     }
+    Ok(())
+}
+
+fn read_trace(path: &std::path::Path) -> Result<(Vec<u8>, Trace)> {
+    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    let t = Trace::parse(&bytes)
+        .with_context(|| format!("{} is not a usable trace", path.display()))?;
+    Ok((bytes, t))
+}
+
+fn trace_summary(t: &Trace) -> String {
+    let bytes: u64 = t.entries.iter().map(|e| e.size as u64).sum();
+    format!(
+        "image {} ({}), {} chunks ({}){}{}",
+        t.header.image,
+        if t.header.reference.is_empty() {
+            "-"
+        } else {
+            &t.header.reference
+        },
+        t.entries.len(),
+        convert::image::human(bytes),
+        if t.header.complete {
+            ""
+        } else {
+            ", recording still running"
+        },
+        if t.header.merged > 1 {
+            format!(", merged from {}", t.header.merged)
+        } else {
+            String::new()
+        },
+    )
+}
+
+async fn trace_command(socket: &std::path::Path, cmd: TraceCommand) -> Result<()> {
+    match cmd {
+        TraceCommand::Export { image, file } => {
+            let mut c = client::connect(socket).await?;
+            let t = c
+                .export_trace(client::proto::ExportTraceRequest {
+                    reference: image.clone(),
+                })
+                .await
+                .map_err(|e| client::rpc_error(&format!("exporting the trace of {image}"), e))?
+                .into_inner();
+            let parsed = Trace::parse(&t.data).context("dedupd sent a malformed trace")?;
+            dedup_daemon::local_mount::state::write_atomic(&std::path::absolute(&file)?, &t.data)
+                .with_context(|| format!("writing {}", file.display()))?;
+            println!("{}: {}", file.display(), trace_summary(&parsed));
+        }
+        TraceCommand::Merge { a, b, out } => {
+            let (_, ta) = read_trace(&a)?;
+            let (_, tb) = read_trace(&b)?;
+            let m = trace::merge(&[ta, tb])?;
+            dedup_daemon::local_mount::state::write_atomic(
+                &std::path::absolute(&out)?,
+                &m.to_bytes(),
+            )
+            .with_context(|| format!("writing {}", out.display()))?;
+            println!("{}: {}", out.display(), trace_summary(&m));
+        }
+        TraceCommand::Show { file } => {
+            let (_, t) = read_trace(&file)?;
+            println!("{}: {}", file.display(), trace_summary(&t));
+        }
+    }
+    Ok(())
+}
+
+/// `trace-replay`: register the image, send the trace, show progress.
+async fn trace_replay(socket: &std::path::Path, a: &TraceReplayArgs) -> Result<()> {
+    let from_file = std::path::Path::new(&a.source).is_file();
+    let (data, reference) = if from_file {
+        let (bytes, t) = read_trace(std::path::Path::new(&a.source))?;
+        let reference = match (&a.image, t.header.reference.is_empty()) {
+            (Some(r), _) => r.clone(),
+            (None, false) => t.header.reference.clone(),
+            (None, true) => anyhow::bail!("{}: the trace names no image; give --image", a.source),
+        };
+        (Some(bytes), reference)
+    } else {
+        if a.image.is_some() {
+            anyhow::bail!(
+                "--image only applies to a trace file; {} is not a file",
+                a.source
+            );
+        }
+        (None, a.source.clone())
+    };
+    let mut c = client::connect(socket).await?;
+    c.register_image(client::proto::RegisterImageRequest {
+        reference: reference.clone(),
+        plain_http: a.plain_http,
+        platform: String::new(),
+    })
+    .await
+    .map_err(|e| client::rpc_error(&format!("registering {reference}"), e))?;
+    let data = match data {
+        Some(d) => d,
+        None => {
+            c.export_trace(client::proto::ExportTraceRequest {
+                reference: reference.clone(),
+            })
+            .await
+            .map_err(|e| {
+                client::rpc_error(&format!("the trace dedupd recorded for {reference}"), e)
+            })?
+            .into_inner()
+            .data
+        }
+    };
+    let start = Instant::now();
+    let mut stream = c
+        .replay_trace(client::proto::ReplayTraceRequest {
+            data,
+            reference: reference.clone(),
+        })
+        .await
+        .map_err(|e| client::rpc_error(&format!("replaying a trace for {reference}"), e))?
+        .into_inner();
+    let bar = if a.quiet {
+        indicatif::ProgressBar::hidden()
+    } else {
+        indicatif::ProgressBar::new(0)
+    };
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{spinner} prefetch [{bar:30}] {pos}/{len} chunks, {msg} fetched, {elapsed}",
+        )
+        .expect("template")
+        .progress_chars("=> "),
+    );
+    let mut last = client::proto::ReplayProgress::default();
+    loop {
+        match stream.message().await {
+            Ok(Some(p)) => {
+                bar.set_length(p.total);
+                bar.set_position(p.done);
+                bar.set_message(convert::image::human(p.fetched_bytes));
+                last = p;
+            }
+            Ok(None) => break,
+            Err(e) => {
+                bar.abandon();
+                return Err(client::rpc_error(
+                    &format!("replaying a trace for {reference}"),
+                    e,
+                ));
+            }
+        }
+    }
+    bar.finish_and_clear();
+    println!(
+        "{reference}: prefetched {}/{} chunks, {} fetched, in {:.2}s",
+        last.done,
+        last.total,
+        convert::image::human(last.fetched_bytes),
+        start.elapsed().as_secs_f64()
+    );
     Ok(())
 }
 

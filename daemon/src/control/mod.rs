@@ -60,7 +60,17 @@ pub trait DaemonOps: Send + Sync + 'static {
     fn metrics_text(&self) -> String;
     /// The recorded access trace of an image.
     async fn export_trace(&self, reference: &str) -> anyhow::Result<Vec<u8>>;
+    /// Prefetch the chunks of a serialized trace (`data`, at most 64 MiB, not empty)
+    /// for the registered image `reference`. What prevents the replay (a malformed
+    /// trace: `OpError::invalid_argument`; an image not registered:
+    /// `OpError::failed_precondition`) is returned before anything changes; then
+    /// progress flows through the receiver, and an `Err` item ends it if the replay
+    /// failed. The replay goes on if the receiver is dropped.
+    async fn replay_trace(&self, reference: &str, data: Vec<u8>) -> anyhow::Result<ReplayStream>;
 }
+
+/// Progress of a trace replay (see [`DaemonOps::replay_trace`]).
+pub type ReplayStream = tokio::sync::mpsc::Receiver<anyhow::Result<proto::ReplayProgress>>;
 
 /// Serve the control API on the unix socket `socket` until `shutdown` completes,
 /// then remove the socket file.

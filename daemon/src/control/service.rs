@@ -158,8 +158,17 @@ impl Daemon for ControlService {
         let r = req.into_inner();
         validate::reference("reference", &r.reference).map_err(|e| rejected(M, e))?;
         validate::bytes("data", &r.data, MAX_TRACE_BYTES).map_err(|e| rejected(M, e))?;
-        Err(Status::unimplemented(
-            "ReplayTrace: trace replay is not implemented by this dedupd yet",
-        ))
+        info!(reference = %r.reference, bytes = r.data.len(), "ReplayTrace");
+        let ops = self.ops.clone();
+        let rx = detached(
+            M,
+            async move { ops.replay_trace(&r.reference, r.data).await },
+        )
+        .await?;
+        let stream = futures_util::stream::unfold(rx, |mut rx| async move {
+            let item = rx.recv().await?;
+            Some((item.map_err(|e| fail(M, &e)), rx))
+        });
+        Ok(Response::new(Box::pin(stream)))
     }
 }

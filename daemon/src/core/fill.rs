@@ -8,7 +8,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::{Duration, Instant};
 
 use dedup_image::endpoint::Endpoint;
@@ -106,6 +106,8 @@ pub struct Core {
     pub metrics: Metrics,
     persist: mpsc::UnboundedSender<Sha256>,
     opts: CoreOptions,
+    /// Told the missing slots of every on-demand miss (the trace recorder).
+    access_hook: OnceLock<mpsc::UnboundedSender<(Instant, Vec<u64>)>>,
 }
 
 impl Core {
@@ -125,6 +127,7 @@ impl Core {
             metrics: Metrics::default(),
             persist: tx,
             opts,
+            access_hook: OnceLock::new(),
         });
         tokio::spawn(persist_loop(writer, rx));
         core
@@ -136,6 +139,12 @@ impl Core {
 
     pub fn options(&self) -> &CoreOptions {
         &self.opts
+    }
+
+    /// Sends the missing slots of each on-demand miss to `tx` (set once: the trace
+    /// recorder).
+    pub fn set_access_hook(&self, tx: mpsc::UnboundedSender<(Instant, Vec<u64>)>) {
+        let _ = self.access_hook.set(tx);
     }
 
     /// Registers a layer whose chunk `i` lives in store slot `slots[i]`.
@@ -203,6 +212,9 @@ impl Core {
         }
         if prio == Priority::OnDemand {
             self.metrics.misses.fetch_add(1, Ordering::Relaxed);
+            if let Some(hook) = self.access_hook.get() {
+                let _ = hook.send((Instant::now(), missing.clone()));
+            }
         }
         let deadline = self.opts.deadline;
         match tokio::time::timeout(deadline, self.fill(&missing, prio)).await {
