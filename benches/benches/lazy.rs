@@ -17,6 +17,7 @@
 //! an unoptimized daemon).
 
 use std::collections::{BTreeSet, HashMap, HashSet};
+use std::fmt::Write as _;
 use std::fs::File;
 use std::io::Read;
 use std::os::fd::AsRawFd;
@@ -226,6 +227,17 @@ fn read_tree(root: &Path, files: &[(PathBuf, u64)], threads: usize) -> Result<(D
         Ok(())
     })?;
     Ok((start.elapsed(), bytes.into_inner()))
+}
+
+/// Opens and closes every file under `root` (lookups and inodes only, no data).
+fn open_tree(root: &Path, files: &[(PathBuf, u64)]) -> Result<Duration> {
+    let start = Instant::now();
+    for (rel, _) in files {
+        check_stop()?;
+        let p = root.join(rel);
+        File::open(&p).with_context(|| format!("opening {}", p.display()))?;
+    }
+    Ok(start.elapsed())
 }
 
 /// splitmix64: a fixed, dependency-free sequence of offsets.
@@ -458,8 +470,13 @@ fn unmount(d: &Dedupd, mnt: &Path) -> Result<()> {
     Ok(())
 }
 
-fn row(what: &str, ours: String, base: String, ratio: String) {
-    println!("{what:<44} {ours:>16} {base:>16} {ratio:>10}");
+fn row(out: &mut String, what: &str, ours: String, base: String, ratio: String) {
+    let _ = writeln!(out, "{what:<44} {ours:>16} {base:>16} {ratio:>10}");
+}
+
+/// A progress line on stderr (the table goes to stdout at the end, sections in order).
+fn progress(what: &str) {
+    eprintln!("[lazy bench] {what}");
 }
 
 // ---------------------------------------------------------------------------------------
@@ -586,14 +603,14 @@ fn main() -> Result<()> {
     println!();
 
     let setup_time = started.elapsed();
-    let r = bench(&setup, &files, file_bytes, &packs, pack_bytes, uncompressed);
+    bench(&setup, &files, file_bytes, &packs, pack_bytes, uncompressed)?;
     drop(setup);
     println!(
         "\nran {:.0} s (setup: convert, unpack, mkfs.erofs {:.0} s), release daemon build not counted",
         started.elapsed().as_secs_f64(),
         setup_time.as_secs_f64()
     );
-    r
+    Ok(())
 }
 
 fn bench(
@@ -606,8 +623,10 @@ fn bench(
 ) -> Result<()> {
     let local = &s.local.as_ref().context("local mount")?.target;
     let host = s.reg.host();
+    let (mut s1, mut s2, mut s3) = (String::new(), String::new(), String::new());
 
     // ---- 2. cold reads vs HTTP GETs of the packs -----------------------------------
+    progress("HTTP GETs of every pack (warm-up, sequential, parallel)");
     // One untimed pass warms the registry (its blob files, its connections).
     get_packs(&s.rt, &host, packs, THREADS)?;
     let mut http = Vec::new();
@@ -622,6 +641,9 @@ fn bench(
     let mut kept = None;
     for threads in [1, THREADS] {
         check_stop()?;
+        progress(&format!(
+            "cold read, {threads} thread(s): fresh daemon, fresh mount"
+        ));
         let (d, mnt, mount_time) = lazy_mount(&s.image)?;
         let before = Counters::read(&d)?;
         let (t, b) = read_tree(&mnt, files, threads)?;
@@ -638,12 +660,10 @@ fn bench(
     }
     let (d, mnt) = kept.context("no daemon kept")?;
 
-    println!(
-        "{:<44} {:>16} {:>16} {:>10}",
-        "figure", "ours", "baseline", "ours/base"
-    );
-    println!("{}", "-".repeat(89));
-    println!("2. cold read throughput (fresh daemon + mount; baseline: GET every pack)");
+    writeln!(
+        s2,
+        "2. cold read throughput (fresh daemon + mount; baseline: GET every pack)"
+    )?;
     for ((threads, t, mount_time, c), (conc, ht)) in cold.iter().zip(&http) {
         let ours = mb(file_bytes) / t.as_secs_f64();
         let get_packs = mb(pack_bytes) / ht.as_secs_f64();
@@ -654,24 +674,28 @@ fn bench(
             format!("{threads} threads")
         };
         row(
+            &mut s2,
             &format!("  {label}: file MB/s vs pack MB/s"),
             format!("{ours:.1}"),
             format!("{get_packs:.1}"),
             format!("{:.3}", ours / get_packs),
         );
         row(
+            &mut s2,
             &format!("  {label}: file MB/s vs uncompressed MB/s"),
             format!("{ours:.1}"),
             format!("{get_unc:.1}"),
             format!("{:.3}", ours / get_unc),
         );
         row(
+            &mut s2,
             &format!("  {label}: wall time (s)"),
             format!("{:.2}", t.as_secs_f64()),
             format!("{:.2}", ht.as_secs_f64()),
             format!("{:.2}x", t.as_secs_f64() / ht.as_secs_f64()),
         );
-        println!(
+        writeln!(
+            s2,
             "    ({conc} GET(s) in flight; ours: mount {:.2} s not included, {} chunks / {:.1} MB fetched in {} Range requests (mean {:.2} ms each, fetch to verified), {} events ({} forwarded))",
             mount_time.as_secs_f64(),
             c.chunks,
@@ -680,14 +704,16 @@ fn bench(
             1e3 * c.fetch_secs / c.fetch_count.max(1.0),
             c.events,
             c.forwarded
-        );
+        )?;
     }
 
     // ---- 3. warm reads vs local EROFS ----------------------------------------------
-    println!(
+    writeln!(
+        s3,
         "3. warm read throughput (all chunks in the store; caches dropped before each pass; {WARM_REPEATS} passes per side, ABBA order)"
-    );
+    )?;
     for threads in [1, THREADS] {
+        progress(&format!("warm read, {threads} thread(s)"));
         let before = Counters::read(&d)?;
         let (mut ours_t, mut local_t) = (Vec::new(), Vec::new());
         for pass in 0..WARM_REPEATS * 2 {
@@ -726,12 +752,14 @@ fn bench(
             format!("{threads} threads")
         };
         row(
+            &mut s3,
             &format!("  {label}: file MB/s (base: local EROFS)"),
             format!("{ours:.1}"),
             format!("{base:.1}"),
             format!("{:.3}", ours / base),
         );
-        println!(
+        writeln!(
+            s3,
             "    (passes MB/s: ours {}, local {}; ours raised {} events, {} fast path, {} forwarded, {} chunks fetched)",
             each(&ours_t),
             each(&local_t),
@@ -739,8 +767,27 @@ fn bench(
             c.fast,
             c.forwarded,
             c.chunks
-        );
+        )?;
     }
+
+    // Where the warm time goes: the same files opened without reading (metadata of two
+    // EROFS layers under overlayfs vs one local EROFS image), caches dropped, ABBA.
+    let (mut ours_t, mut local_t) = (Duration::ZERO, Duration::ZERO);
+    for pass in 0..4 {
+        drop_caches()?;
+        if pass == 0 || pass == 3 {
+            ours_t += open_tree(&mnt, files)?;
+        } else {
+            local_t += open_tree(local, files)?;
+        }
+    }
+    row(
+        &mut s3,
+        "  (diagnostic) open+close every file, ms",
+        format!("{:.0}", ours_t.as_secs_f64() * 1e3 / 2.0),
+        format!("{:.0}", local_t.as_secs_f64() * 1e3 / 2.0),
+        format!("{:.2}", ours_t.as_secs_f64() / local_t.as_secs_f64()),
+    );
 
     // ---- 1. fast-path event latency -------------------------------------------------
     let big: Vec<(PathBuf, u64)> = files
@@ -751,6 +798,7 @@ fn bench(
     if big.is_empty() {
         bail!("no file of at least {BIG_FILE} bytes in the image");
     }
+    progress("fast-path latency");
     let mut ours_lat = Vec::new();
     let mut local_lat = Vec::new();
     let before = Counters::read(&d)?;
@@ -762,13 +810,15 @@ fn bench(
     let c = Counters::read(&d)?.since(before);
     ours_lat.sort();
     local_lat.sort();
-    println!(
+    writeln!(
+        s1,
         "1. fast-path latency: 4 KiB pread at random pages of {} files >= 1 MiB, caches dropped, readahead off",
         big.len()
-    );
+    )?;
     for (name, p) in [("p50", 50), ("p99", 99)] {
         let (o, l) = (pct(&ours_lat, p), pct(&local_lat, p));
         row(
+            &mut s1,
             &format!("  {name} per read (µs)"),
             format!("{:.1}", us(o)),
             format!("{:.1}", us(l)),
@@ -777,21 +827,30 @@ fn bench(
     }
     let mean = |v: &[Duration]| v.iter().map(|d| us(*d)).sum::<f64>() / v.len() as f64;
     row(
+        &mut s1,
         "  mean per read (µs)",
         format!("{:.1}", mean(&ours_lat)),
         format!("{:.1}", mean(&local_lat)),
         format!("{:.2}", mean(&ours_lat) / mean(&local_lat)),
     );
-    println!(
+    writeln!(
+        s1,
         "    ({} reads per side in {LAT_ROUNDS} rounds, the two sides interleaved read by read; ours raised {} events, {} answered on the fast path, {} forwarded, {} chunks fetched)",
         ours_lat.len(),
         c.events,
         c.fast,
         c.forwarded,
         c.chunks
-    );
+    )?;
 
     unmount(&d, &mnt)?;
     drop(d);
+
+    println!(
+        "{:<44} {:>16} {:>16} {:>10}",
+        "figure", "ours", "baseline", "ours/base"
+    );
+    println!("{}", "-".repeat(89));
+    print!("{s1}{s2}{s3}");
     Ok(())
 }
