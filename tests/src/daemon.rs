@@ -15,8 +15,20 @@ pub fn binary(name: &str) -> PathBuf {
     static BUILT: OnceLock<std::result::Result<PathBuf, String>> = OnceLock::new();
     let dir = BUILT
         .get_or_init(|| {
-            let status = Command::new(env!("CARGO"))
-                .args(["build", "-q", "-p", "dedup-daemon", "--bins"])
+            // target/<profile>/deps/<test> → target/<profile>: build the binaries with
+            // the profile of whatever runs us (tests: debug, benches: release).
+            let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+            let dir = exe
+                .parent()
+                .and_then(Path::parent)
+                .ok_or("no target dir")?
+                .to_path_buf();
+            let mut cmd = Command::new(env!("CARGO"));
+            cmd.args(["build", "-q", "-p", "dedup-daemon", "--bins"]);
+            if dir.file_name().is_some_and(|n| n == "release") {
+                cmd.arg("--release");
+            }
+            let status = cmd
                 .current_dir(env!("CARGO_MANIFEST_DIR"))
                 .status()
                 .map_err(|e| format!("running cargo build: {e}"))?;
@@ -25,13 +37,7 @@ pub fn binary(name: &str) -> PathBuf {
                     "cargo build -p dedup-daemon --bins failed: {status}"
                 ));
             }
-            // target/debug/deps/<test> → target/debug
-            let exe = std::env::current_exe().map_err(|e| e.to_string())?;
-            Ok(exe
-                .parent()
-                .and_then(Path::parent)
-                .ok_or("no target dir")?
-                .to_path_buf())
+            Ok(dir)
         })
         .as_ref()
         .expect("building dedupd and dedupctl");
