@@ -94,6 +94,45 @@ enum TraceCommand {
     },
     /// Check a trace file and print its header and size.
     Show { file: PathBuf },
+    /// Store a trace in the registry beside its image (an OCI artifact whose subject
+    /// is the image manifest the trace was recorded on).
+    Push {
+        #[command(flatten)]
+        registry: TraceRegistryArgs,
+        file: PathBuf,
+        /// The image (host/repo:tag or host/repo@digest).
+        reference: String,
+    },
+    /// Fetch the newest trace stored beside an image and write it to FILE.
+    Pull {
+        #[command(flatten)]
+        registry: TraceRegistryArgs,
+        /// The image (host/repo:tag or host/repo@digest).
+        reference: String,
+        file: PathBuf,
+    },
+}
+
+#[derive(Args)]
+struct TraceRegistryArgs {
+    /// Talk to the registry over plain HTTP (never the default).
+    #[arg(long)]
+    plain_http: bool,
+    /// Registry credentials as USER:PASSWORD (else docker config.json and its helpers).
+    #[arg(long, env = "DEDUP_REGISTRY_USER", hide_env_values = true)]
+    user: Option<String>,
+}
+
+impl TraceRegistryArgs {
+    fn endpoint(&self, reference: &str) -> Result<Endpoint> {
+        let opts = RegistryArgs {
+            plain_http: self.plain_http,
+            user: self.user.clone(),
+            hosts_dir: None,
+        }
+        .options()?;
+        Endpoint::parse(reference, &opts).with_context(|| reference.to_string())
+    }
 }
 
 #[derive(Args)]
@@ -466,6 +505,46 @@ async fn trace_command(socket: &std::path::Path, cmd: TraceCommand) -> Result<()
         TraceCommand::Show { file } => {
             let (_, t) = read_trace(&file)?;
             println!("{}: {}", file.display(), trace_summary(&t));
+        }
+        TraceCommand::Push {
+            registry,
+            file,
+            reference,
+        } => {
+            let (bytes, t) = read_trace(&file)?;
+            let ep = registry.endpoint(&reference)?;
+            let p = trace::registry::push(&ep, &reference, &bytes)
+                .await
+                .with_context(|| format!("pushing {} beside {reference}", file.display()))?;
+            println!(
+                "{reference}: pushed trace {} ({}) referring to {}; tag {} lists {} traces",
+                p.manifest,
+                trace_summary(&t),
+                p.subject,
+                p.tag,
+                p.referrers
+            );
+        }
+        TraceCommand::Pull {
+            registry,
+            reference,
+            file,
+        } => {
+            let ep = registry.endpoint(&reference)?;
+            let p = trace::registry::pull(&ep, &reference).await?;
+            dedup_daemon::local_mount::state::write_atomic(&std::path::absolute(&file)?, &p.bytes)
+                .with_context(|| format!("writing {}", file.display()))?;
+            println!(
+                "{}: trace {} of {reference} (via {}): {}",
+                file.display(),
+                p.manifest,
+                if p.via_api {
+                    "the referrers API"
+                } else {
+                    "the fallback tag"
+                },
+                trace_summary(&p.trace)
+            );
         }
     }
     Ok(())

@@ -6,6 +6,7 @@
 
 pub mod format;
 pub mod recorder;
+pub mod registry;
 pub mod replay;
 
 pub use format::{Trace, merge};
