@@ -383,6 +383,14 @@ fn bad_tars_are_refused_with_the_entry_named() {
     let e = convert_err(&t);
     assert!(e.contains("tar"), "{e}");
 
+    // A symlink target longer than Linux can store.
+    let mut b = tar::Builder::new(Vec::new());
+    let mut h = header(tar::EntryType::Symlink, 0o777, 0);
+    b.append_link(&mut h, "long-link", "x".repeat(5000))
+        .unwrap();
+    let e = convert_err(&b.into_inner().unwrap());
+    assert!(e.contains("long-link") && e.contains("5000"), "{e}");
+
     // Garbage that is not a tar at all.
     let e = convert_err(&pseudo_random(4096, 3));
     assert!(e.contains("tar"), "{e}");

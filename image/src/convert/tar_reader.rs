@@ -277,6 +277,13 @@ impl State {
                 if target.is_empty() || target.contains(&0) {
                     return Err("symlink with an empty target".into());
                 }
+                if target.len() > crate::index::path::MAX_SYMLINK {
+                    return Err(format!(
+                        "symlink target of {} bytes (Linux allows {})",
+                        target.len(),
+                        crate::index::path::MAX_SYMLINK
+                    ));
+                }
                 EntryKind::Symlink { target }
             }
             tar::EntryType::Link => {

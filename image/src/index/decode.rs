@@ -5,7 +5,7 @@ use std::collections::HashSet;
 use std::fmt;
 use std::io::Read;
 
-use super::path::{MAX_PATH, is_canonical};
+use super::path::{MAX_PATH, MAX_SYMLINK, is_canonical};
 use super::{
     ChunkRef, Entry, EntryKind, FileData, LayerIndex, MAGIC, MAX_CHUNK_SIZE, MAX_INDEX_BODY,
     MAX_INLINE, MIN_CHUNK_SIZE, PackRef, Sha256, VERSION,
@@ -217,7 +217,7 @@ fn entry(r: &mut Reader, chunk_size: u32, chunks: &[ChunkRef]) -> Result<Entry, 
             EntryKind::File { size, data }
         }
         2 => {
-            let target = r.bytes(MAX_PATH)?.to_vec();
+            let target = r.bytes(MAX_SYMLINK)?.to_vec();
             if target.is_empty() || target.contains(&0) {
                 return r.fail(format!("{shown}: invalid symlink target"));
             }

@@ -27,6 +27,8 @@ impl std::error::Error for PathError {}
 
 /// Longest path accepted (Linux PATH_MAX).
 pub const MAX_PATH: usize = 4096;
+/// Longest symlink target: the kernel stores and returns at most PATH_MAX - 1 bytes.
+pub const MAX_SYMLINK: usize = 4095;
 
 /// Canonical form: relative, `/`-separated, no empty, `.` or `..` components, no
 /// trailing slash; the root is `""`. A leading `./` is what most tar writers emit and is
