@@ -103,18 +103,7 @@ pub fn rpc_error(what: &str, status: tonic::Status) -> anyhow::Error {
 
 /// Bytes as B, KiB, MiB, GiB, TiB.
 pub fn human_bytes(n: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut v = n as f64;
-    let mut u = 0;
-    while v >= 1024.0 && u + 1 < UNITS.len() {
-        v /= 1024.0;
-        u += 1;
-    }
-    if u == 0 {
-        format!("{n} B")
-    } else {
-        format!("{v:.1} {}", UNITS[u])
-    }
+    dedup_image::convert::image::human(n)
 }
 
 /// Lines describing an image.

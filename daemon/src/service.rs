@@ -36,13 +36,14 @@ use crate::trace::{self, Recorder, RecorderOptions, Trace};
 struct StoreWriter(Arc<Store>, Arc<Mutex<BTreeMap<Sha256, Written>>>);
 
 impl SlotWriter for StoreWriter {
-    fn write_slot(&self, slot: u64, bytes: &[u8]) -> std::io::Result<()> {
-        let digest = Sha256::of(bytes);
+    fn write_slot(&self, slot: u64, digest: &Sha256, bytes: &[u8]) -> std::io::Result<()> {
+        // The fetch already hashed these bytes: hashing them again here would double
+        // the CPU cost of every miss.
         let w = self
             .0
-            .write_chunk(&digest, slot, bytes)
+            .write_chunk(digest, slot, bytes)
             .map_err(|e| std::io::Error::other(e.to_string()))?;
-        self.1.lock().expect("pending lock").insert(digest, w);
+        self.1.lock().expect("pending lock").insert(*digest, w);
         Ok(())
     }
 

@@ -3,14 +3,14 @@
 
 use std::sync::Arc;
 
-use anyhow::{Context, Result, anyhow, bail};
+use anyhow::{Context, Result, bail};
 use futures_util::{StreamExt, TryStreamExt};
 
 use crate::convert::format;
 use crate::endpoint::Endpoint;
 use crate::fetch::{fetch_run, plan_runs};
 use crate::index::{self, LayerIndex};
-use crate::oci::{Descriptor, Digest, ImageConfig, ImageManifest, Manifest, Platform};
+use crate::oci::{Descriptor, Digest, ImageConfig, ImageManifest, Platform};
 
 /// A converted image as a node sees it before mounting.
 pub struct ConvertedImage {
@@ -24,26 +24,10 @@ pub struct ConvertedImage {
 /// Fetches and decodes everything but the packs.
 pub async fn open(src: &Endpoint, platform: &Platform) -> Result<ConvertedImage> {
     let name = src.describe();
-    let (bytes, media_type, digest) = src.get_manifest(src.reference()).await?;
-    let (manifest_digest, manifest) = match Manifest::from_slice(&bytes, Some(&media_type))? {
-        Manifest::Image(m) => (digest, m),
-        Manifest::Index(idx) => {
-            let pick = idx
-                .manifests
-                .iter()
-                .find(|d| {
-                    d.platform.as_ref().is_some_and(|p| {
-                        p.os == platform.os && p.architecture == platform.architecture
-                    })
-                })
-                .ok_or_else(|| anyhow!("{name}: no manifest for {platform}"))?;
-            let (bytes, media_type, digest) = src.get_manifest(Some(pick.digest.as_str())).await?;
-            match Manifest::from_slice(&bytes, Some(&media_type))? {
-                Manifest::Image(m) => (digest, m),
-                Manifest::Index(_) => bail!("{name}: nested image index"),
-            }
-        }
-    };
+    let (manifest_digest, manifest) = src
+        .resolve_image_manifest(platform)
+        .await
+        .with_context(|| format!("{name}: resolving the image manifest"))?;
     let config_bytes = src
         .get_blob_bytes(&manifest.config.digest)
         .await

@@ -334,6 +334,40 @@ impl Endpoint {
     }
 }
 
+impl Endpoint {
+    /// The image manifest this endpoint names: its own reference's manifest, or, when
+    /// that is an index, the entry for `platform`. Returns its digest too.
+    pub async fn resolve_image_manifest(
+        &self,
+        platform: &crate::oci::Platform,
+    ) -> anyhow::Result<(Digest, crate::oci::ImageManifest)> {
+        use crate::oci::Manifest;
+        let (bytes, media_type, digest) = self.get_manifest(self.reference()).await?;
+        match Manifest::from_slice(&bytes, Some(&media_type))? {
+            Manifest::Image(m) => Ok((digest, m)),
+            Manifest::Index(idx) => {
+                let pick = idx
+                    .manifests
+                    .iter()
+                    .find(|d| {
+                        d.platform.as_ref().is_some_and(|p| {
+                            p.os == platform.os && p.architecture == platform.architecture
+                        })
+                    })
+                    .ok_or_else(|| {
+                        anyhow::anyhow!("the image index has no manifest for {platform}")
+                    })?;
+                let (bytes, media_type, digest) =
+                    self.get_manifest(Some(pick.digest.as_str())).await?;
+                match Manifest::from_slice(&bytes, Some(&media_type))? {
+                    Manifest::Image(m) => Ok((digest, m)),
+                    Manifest::Index(_) => anyhow::bail!("nested image indexes are not supported"),
+                }
+            }
+        }
+    }
+}
+
 impl fmt::Display for Endpoint {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.describe())

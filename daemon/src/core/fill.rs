@@ -26,7 +26,8 @@ pub const SLOT_STRIDE: u64 = 4 << 20;
 /// Where the store's bytes go. Implemented by the node store (through a descriptor
 /// opened before the fanotify mark, so these writes raise no events).
 pub trait SlotWriter: Send + Sync + 'static {
-    fn write_slot(&self, slot: u64, bytes: &[u8]) -> std::io::Result<()>;
+    /// `bytes` were verified against `digest` by the fetch.
+    fn write_slot(&self, slot: u64, digest: &Sha256, bytes: &[u8]) -> std::io::Result<()>;
     /// Makes `present` durable for these chunks (after their bytes are on disk).
     fn persist_present(&self, chunks: &[Sha256]) -> anyhow::Result<()>;
 }
@@ -321,10 +322,10 @@ impl Core {
                         let Some((slot, tx)) = slot_of.lock().expect("run lock").remove(&id) else {
                             continue;
                         };
-                        let outcome = match self.writer.write_slot(slot, &bytes) {
+                        let digest = layer.index.chunks[id as usize].digest;
+                        let outcome = match self.writer.write_slot(slot, &digest, &bytes) {
                             Ok(()) => {
                                 self.bitmap.set(slot);
-                                let digest = layer.index.chunks[id as usize].digest;
                                 let _ = self.persist.send(digest);
                                 self.metrics.chunks_fetched.fetch_add(1, Ordering::Relaxed);
                                 self.metrics

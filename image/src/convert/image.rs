@@ -18,7 +18,7 @@ use super::tar_reader::ChunkingOptions;
 use crate::endpoint::Endpoint;
 use crate::index::{self, LayerIndex, Sha256};
 use crate::oci::{
-    Descriptor, Digest, ImageConfig, ImageIndex, ImageManifest, Manifest, Platform, media_types,
+    Descriptor, Digest, ImageConfig, ImageIndex, ImageManifest, Platform, media_types,
 };
 
 /// Media types and annotations of the converted image (image/FORMAT.md).
@@ -381,26 +381,7 @@ async fn resolve_source(
     src: &Endpoint,
     platform: &Platform,
 ) -> Result<(ImageManifest, Bytes, ImageConfig)> {
-    let (bytes, media_type, _digest) = src.get_manifest(src.reference()).await?;
-    let manifest = match Manifest::from_slice(&bytes, Some(&media_type))? {
-        Manifest::Image(m) => m,
-        Manifest::Index(idx) => {
-            let pick = idx
-                .manifests
-                .iter()
-                .find(|d| {
-                    d.platform.as_ref().is_some_and(|p| {
-                        p.os == platform.os && p.architecture == platform.architecture
-                    })
-                })
-                .ok_or_else(|| anyhow!("the image index has no manifest for {platform}"))?;
-            let (bytes, media_type, _) = src.get_manifest(Some(pick.digest.as_str())).await?;
-            match Manifest::from_slice(&bytes, Some(&media_type))? {
-                Manifest::Image(m) => m,
-                Manifest::Index(_) => bail!("nested image indexes are not supported"),
-            }
-        }
-    };
+    let (_, manifest) = src.resolve_image_manifest(platform).await?;
     if manifest
         .layers
         .iter()
