@@ -11,6 +11,15 @@
 //!    registry, with the same concurrency;
 //! 3. warm read throughput: the whole tree re-read after dropping caches, every chunk in
 //!    the store; baseline: the local EROFS image after dropping caches.
+//! 4. round trips: cold reads with one Range request per chunk (`readahead = 0`, locality
+//!    off: how dedupd fetched before read-ahead existed) beside the defaults (read-ahead
+//!    and locality), on loopback and behind `dedup_tests::shaper` (20 ms each way,
+//!    100 Mbit/s): one small file, one big file, 3000 small files read in order by one
+//!    reader (the peers' w2 workload), and the whole tree with 1, 8 and 64 readers;
+//!    requests and bytes fetched; baseline: one small Range GET (a round trip) and GETs of
+//!    every pack, on the same link. Then a sweep of `readahead` and `locality_bytes`.
+//!
+//! `DEDUP_LAZY_BENCH=roundtrips` runs section 4 only.
 //!
 //! Run as root: `cargo bench -p dedup-benches --bench lazy`. Figures are printed, never
 //! asserted. The release `dedupd`/`dedupctl` are built first (the bench must not measure
@@ -36,6 +45,7 @@ use dedup_image::registry::ClientOptions;
 use dedup_tests::daemon::Dedupd;
 use dedup_tests::fixtures::fixtures;
 use dedup_tests::registry::{Registry, require_root};
+use dedup_tests::shaper::{LinkSpec, Shaper};
 
 /// Reader threads of the parallel runs, and concurrent GETs of the HTTP baseline.
 const THREADS: usize = 8;
@@ -603,7 +613,11 @@ fn main() -> Result<()> {
     println!();
 
     let setup_time = started.elapsed();
-    bench(&setup, &files, file_bytes, &packs, pack_bytes, uncompressed)?;
+    let roundtrips_only = std::env::var("DEDUP_LAZY_BENCH").is_ok_and(|v| v == "roundtrips");
+    if !roundtrips_only {
+        bench(&setup, &files, file_bytes, &packs, pack_bytes, uncompressed)?;
+    }
+    round_trips(&setup, &files, &packs, pack_bytes)?;
     drop(setup);
     println!(
         "\nran {:.0} s (setup: convert, unpack, mkfs.erofs {:.0} s), release daemon build not counted",
@@ -852,5 +866,274 @@ fn bench(
     );
     println!("{}", "-".repeat(89));
     print!("{s1}{s2}{s3}");
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------
+// 4. Round trips: per-chunk requests vs read-ahead + locality, on loopback and a WAN link.
+
+/// What a cold run does on the mount.
+type Workload<'a> = dyn Fn(&Path) -> Result<()> + 'a;
+
+/// How dedupd fetched before read-ahead and locality: one Range request per chunk.
+const PER_CHUNK: &str = "[fetch]\nreadahead = 0\n[prefetch]\nlocality = \"off\"\n";
+/// Files the w2-like workload reads, in path order, with one reader.
+const SMALL_FILES: usize = 3000;
+
+/// One cold run's figures.
+#[derive(Clone, Copy)]
+struct Cold {
+    secs: f64,
+    requests: f64,
+    mb: f64,
+    chunks: f64,
+}
+
+impl Cold {
+    fn show(&self) -> String {
+        format!(
+            "{:.2} s, {} req, {:.1} MB",
+            self.secs, self.requests, self.mb
+        )
+    }
+}
+
+/// A fresh daemon with `config`, the image mounted through `host`, then `work` on the
+/// mount. Waits for the queued prefetches to end before reading the counters, so the
+/// bytes include what locality pulled in.
+fn cold_run(host: &str, config: &str, work: &dyn Fn(&Path) -> Result<()>) -> Result<Cold> {
+    let dir = tempfile::Builder::new()
+        .prefix("dedup-bench-cfg-")
+        .tempdir_in("/var/tmp")?;
+    let cfg = dir.path().join("dedupd.toml");
+    std::fs::write(&cfg, config)?;
+    let d = Dedupd::start(&["--config", cfg.to_str().context("config path")?])?;
+    let mnt = d.scratch("mnt");
+    d.ctl_ok(&[
+        "mount",
+        "--plain-http",
+        &format!("{host}/{REPO}:{TAG}"),
+        mnt.to_str().context("mount path")?,
+    ])?;
+    let before = Counters::read(&d)?;
+    let start = Instant::now();
+    work(&mnt)?;
+    let secs = start.elapsed().as_secs_f64();
+    let quiet = Instant::now();
+    while metric(&d, "inflight_fetches")? > 0.0 && quiet.elapsed() < Duration::from_secs(60) {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let c = Counters::read(&d)?.since(before);
+    unmount(&d, &mnt)?;
+    Ok(Cold {
+        secs,
+        requests: c.requests,
+        mb: mb(c.bytes as u64),
+        chunks: c.chunks,
+    })
+}
+
+/// One small Range GET of a pack (one round trip on a warm connection), median of 9.
+fn round_trip_time(rt: &tokio::runtime::Runtime, host: &str, pack: &str) -> Result<Duration> {
+    let client = reqwest::Client::builder().tcp_nodelay(true).build()?;
+    let url = format!("http://{host}/v2/{REPO}/blobs/{pack}");
+    rt.block_on(async {
+        let mut times = Vec::new();
+        for i in 0..10 {
+            let start = Instant::now();
+            let r = client
+                .get(&url)
+                .header("Range", "bytes=0-4095")
+                .send()
+                .await?;
+            if r.status().as_u16() != 206 {
+                bail!("GET {url} with Range: {}", r.status());
+            }
+            r.bytes().await?;
+            // The first one also opens the connection.
+            if i > 0 {
+                times.push(start.elapsed());
+            }
+        }
+        times.sort();
+        Ok(times[times.len() / 2])
+    })
+}
+
+fn round_trips(
+    s: &Setup,
+    files: &[(PathBuf, u64)],
+    packs: &[(String, u64)],
+    pack_bytes: u64,
+) -> Result<()> {
+    let wan = LinkSpec::wan();
+    let shaper = Shaper::start(s.reg.host(), wan)?;
+    let links = [
+        ("lo".to_string(), s.reg.host()),
+        (format!("wan ({wan})"), shaper.host()),
+    ];
+    let small = "usr/lib/python3.11/json/__init__.py";
+    let big = files
+        .iter()
+        .filter(|(p, _)| p.to_string_lossy().starts_with("usr/bin/python3"))
+        .max_by_key(|(_, s)| *s)
+        .map(|(p, _)| p.clone())
+        .context("no usr/bin/python3* in the image")?;
+    // The peers' w2: `find /usr -type f | head -3000 | xargs cat`, in path order here.
+    let w2: Vec<(PathBuf, u64)> = files
+        .iter()
+        .filter(|(p, _)| p.starts_with("usr/"))
+        .take(SMALL_FILES)
+        .cloned()
+        .collect();
+    let w2_bytes: u64 = w2.iter().map(|(_, s)| s).sum();
+    let defaults = String::new();
+
+    // Printed as measured: this section runs for minutes.
+    println!();
+    println!(
+        "4. round trips: cold reads, one Range request per chunk (before: readahead = 0, locality off) vs dedupd's defaults (read-ahead and locality on; the sweep below shows the bounds); fresh daemon + mount each; counters include the prefetches a run queued"
+    );
+    for (name, host) in &links {
+        check_stop()?;
+        progress(&format!("round trips on {name}"));
+        let rtt = round_trip_time(&s.rt, host, &packs[0].0)?;
+        let (get_t, got) = get_packs(&s.rt, host, packs, THREADS)?;
+        if got != pack_bytes {
+            bail!("GET pass read {got} bytes, expected {pack_bytes}");
+        }
+        println!(
+            "  link {name}: one 4 KiB Range GET {:.2} ms; GET every pack ({:.1} MB, {THREADS} in flight) {:.2} s",
+            rtt.as_secs_f64() * 1e3,
+            mb(pack_bytes),
+            get_t.as_secs_f64()
+        );
+        let slow = name != "lo";
+        let one = |p: PathBuf| {
+            move |m: &Path| -> Result<()> {
+                File::open(m.join(&p))?
+                    .read_to_end(&mut Vec::new())
+                    .map(|_| ())
+                    .map_err(Into::into)
+            }
+        };
+        let cases: Vec<(String, Box<Workload>, f64)> = vec![
+            (
+                format!("one small file (/{small})"),
+                Box::new(one(PathBuf::from(small))),
+                rtt.as_secs_f64(),
+            ),
+            (
+                format!("one big file (/{})", big.display()),
+                Box::new(one(big.clone())),
+                rtt.as_secs_f64(),
+            ),
+            (
+                format!(
+                    "{} files under /usr ({:.1} MB), 1 reader",
+                    w2.len(),
+                    mb(w2_bytes)
+                ),
+                Box::new(|m: &Path| read_tree(m, &w2, 1).map(|_| ())),
+                get_t.as_secs_f64(),
+            ),
+            (
+                "whole tree, 1 reader".into(),
+                Box::new(|m: &Path| read_tree(m, files, 1).map(|_| ())),
+                get_t.as_secs_f64(),
+            ),
+            (
+                "whole tree, 8 readers".into(),
+                Box::new(|m: &Path| read_tree(m, files, 8).map(|_| ())),
+                get_t.as_secs_f64(),
+            ),
+            (
+                "whole tree, 64 readers".into(),
+                Box::new(|m: &Path| read_tree(m, files, 64).map(|_| ())),
+                get_t.as_secs_f64(),
+            ),
+        ];
+        for (what, work, base) in &cases {
+            check_stop()?;
+            // One request per chunk on the slow link costs minutes for one reader over
+            // thousands of chunks: figured from its request count instead.
+            let skip_before = slow && (what.contains("1 reader"));
+            progress(&format!("  {name}: {what}"));
+            let before = if skip_before {
+                None
+            } else {
+                Some(cold_run(host, PER_CHUNK, work.as_ref())?)
+            };
+            let after = cold_run(host, &defaults, work.as_ref())?;
+            let before_s = before.map_or_else(
+                || "(not run: ~1 round trip per chunk)".to_string(),
+                |b| b.show(),
+            );
+            println!("  {name:<4.4} {what}");
+            println!(
+                "       before {before_s:<34} after {:<34} after/before {:>6}  after/baseline {:.2} (baseline {:.3} s: {})",
+                after.show(),
+                before.map_or("-".into(), |b| format!("{:.3}", after.secs / b.secs)),
+                after.secs / base,
+                base,
+                if *base == rtt.as_secs_f64() {
+                    "one round trip"
+                } else {
+                    "GET every pack"
+                },
+            );
+            let _ = after.chunks;
+        }
+    }
+
+    // Sweep: the defaults were picked from these figures. Opt-in: it runs for ~10 min.
+    if std::env::var("DEDUP_LAZY_SWEEP").is_ok_and(|v| v == "1") {
+        sweep(&links, files, &w2)?;
+    }
+    Ok(())
+}
+
+fn sweep(
+    links: &[(String, String)],
+    files: &[(PathBuf, u64)],
+    w2: &[(PathBuf, u64)],
+) -> Result<()> {
+    println!(
+        "  sweep (w2-like: {} files, 1 reader; and the whole tree, 8 readers):",
+        w2.len()
+    );
+    for (name, host) in links {
+        for (readahead, locality) in [
+            (0u64, 0u64),
+            (256 << 10, 0),
+            (1 << 20, 0),
+            (4 << 20, 0),
+            (1 << 20, 1 << 20),
+            (1 << 20, 4 << 20),
+            (1 << 20, 16 << 20),
+        ] {
+            check_stop()?;
+            if readahead == 0 && name != "lo" {
+                continue;
+            }
+            let cfg = format!(
+                "[fetch]\nreadahead = {readahead}\n[prefetch]\nlocality = \"{}\"\nlocality_bytes = {locality}\n",
+                if locality > 0 { "on" } else { "off" }
+            );
+            progress(&format!(
+                "  sweep {name}: readahead {readahead} locality {locality}"
+            ));
+            let a = cold_run(host, &cfg, &|m: &Path| read_tree(m, w2, 1).map(|_| ()))?;
+            let b = cold_run(host, &cfg, &|m: &Path| read_tree(m, files, 8).map(|_| ()))?;
+            println!(
+                "    {:<4.4} readahead {:>5} KiB, locality {:>6} KiB: w2 {:<32} tree/8 {}",
+                name,
+                readahead >> 10,
+                locality >> 10,
+                a.show(),
+                b.show()
+            );
+        }
+    }
     Ok(())
 }

@@ -101,6 +101,69 @@ pub fn rpc_error(what: &str, status: tonic::Status) -> anyhow::Error {
     }
 }
 
+/// AcquireLayer: hold one layer of a converted image as a lazy EROFS mount. The status
+/// is returned as is, so callers can map its code (InvalidArgument: a malformed field
+/// or a chain id, diff_id or index that do not agree; FailedPrecondition: the parent is
+/// not held; NotFound: the index is not in the repository).
+pub async fn acquire_layer(
+    c: &mut DaemonClient<Channel>,
+    req: proto::AcquireLayerRequest,
+) -> Result<proto::LayerMount, tonic::Status> {
+    Ok(c.acquire_layer(req).await?.into_inner())
+}
+
+/// ImportLayer: turn an unpacked layer directory into store chunks and an EROFS layer
+/// mount held by the request's owner (codes as for [`acquire_layer`]).
+pub async fn import_layer(
+    c: &mut DaemonClient<Channel>,
+    req: proto::ImportLayerRequest,
+) -> Result<proto::LayerMount, tonic::Status> {
+    Ok(c.import_layer(req).await?.into_inner())
+}
+
+/// ReleaseLayer: drop `owner`'s hold on layer `chain_id` (`sha256:<hex>`). True when
+/// the layer mount went with it. NotFound: the chain is not held, or not by `owner`.
+pub async fn release_layer(
+    c: &mut DaemonClient<Channel>,
+    chain_id: &str,
+    owner: &str,
+) -> Result<bool, tonic::Status> {
+    Ok(c.release_layer(proto::ReleaseLayerRequest {
+        chain_id: chain_id.to_string(),
+        owner: owner.to_string(),
+    })
+    .await?
+    .into_inner()
+    .unmounted)
+}
+
+/// What dedupctl prints for a held layer.
+pub fn format_layer_mount(m: &proto::LayerMount) -> String {
+    let mut out = format!("layer {} mounted on {}\n", m.chain_id, m.mountpoint);
+    if let Some(l) = &m.layer {
+        out.push_str(&format!(
+            "  index {} ({} chunks, {})\n",
+            l.index_digest,
+            l.chunks,
+            human_bytes(l.chunk_bytes)
+        ));
+    }
+    if m.index_bytes_fetched > 0 {
+        out.push_str(&format!(
+            "  {} of layer index fetched\n",
+            human_bytes(m.index_bytes_fetched)
+        ));
+    }
+    if m.new_chunks > 0 || m.new_bytes > 0 || m.index_bytes_fetched == 0 {
+        out.push_str(&format!(
+            "  {} new chunks, {} new to the store\n",
+            m.new_chunks,
+            human_bytes(m.new_bytes)
+        ));
+    }
+    out
+}
+
 /// Bytes as B, KiB, MiB, GiB, TiB.
 pub fn human_bytes(n: u64) -> String {
     dedup_image::convert::image::human(n)

@@ -15,6 +15,33 @@ pub enum KernelMode {
     Auto,
     /// fanotify pre-content events on EROFS file-backed mounts (Linux 6.14+).
     Fanotify,
+    /// cachefiles on-demand: EROFS over fscache (CONFIG_CACHEFILES_ONDEMAND and
+    /// CONFIG_EROFS_FS_ONDEMAND, Linux 5.19–7.1).
+    Cachefiles,
+}
+
+/// The cachefiles on-demand mode.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CachefilesConfig {
+    /// The EROFS domain_id every layer mounts in (one fscache volume, one cache file
+    /// for the store).
+    pub domain: String,
+    /// The cache directory (ext4 or xfs); default `<root>/cachefiles`.
+    pub dir: Option<PathBuf>,
+    /// Write chunks fetched ahead of demand (prefetch, background fill) into the
+    /// store's cache file too, so their first read sends no READ at all.
+    pub push_ahead: bool,
+}
+
+impl Default for CachefilesConfig {
+    fn default() -> Self {
+        CachefilesConfig {
+            domain: "dedup".into(),
+            dir: None,
+            push_ahead: true,
+        }
+    }
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -29,9 +56,14 @@ pub struct Config {
     pub metrics_address: String,
     /// Registry mirrors in containerd's hosts.toml layout (`<dir>/<host>/hosts.toml`).
     pub hosts_dir: Option<PathBuf>,
+    /// Chunk size of layers imported from directories (the snapshotter's commits of
+    /// unconverted layers) when their parent gives none; equal data dedups only
+    /// across equal chunk sizes, so keep it the converter's (1 MiB).
+    pub chunk_size: u32,
     pub fetch: FetchConfig,
     pub trace: TraceConfig,
     pub prefetch: PrefetchConfig,
+    pub cachefiles: CachefilesConfig,
 }
 
 /// Recording of access traces (`<root>/traces/`).
@@ -46,7 +78,15 @@ pub struct TraceConfig {
     pub window_secs: f64,
 }
 
-/// Trace-driven prefetch.
+/// Compressed bytes an on-demand request may cover (the demanded chunk plus the missing
+/// chunks after it in its pack). Measured (benches/benches/lazy.rs): see the README.
+pub const DEFAULT_READAHEAD: u64 = 1 << 20;
+/// Compressed bytes one miss may queue at prefetch priority as likely next.
+pub const DEFAULT_LOCALITY_BYTES: u64 = 4 << 20;
+/// Files up to this size are "small files of the same directory" for locality.
+pub const DEFAULT_LOCALITY_SMALL_FILE: u64 = 256 << 10;
+
+/// Prefetch: trace replay, and locality where no trace exists.
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct PrefetchConfig {
@@ -54,6 +94,35 @@ pub struct PrefetchConfig {
     pub auto_replay: bool,
     /// Batches of chunks (16 each) a replay keeps in flight.
     pub concurrency: usize,
+    /// A miss also queues, at prefetch priority, the chunks likely next: the rest of its
+    /// file, the other small files of its directory, the rest of its pack.
+    #[serde(deserialize_with = "on_off")]
+    pub locality: bool,
+    /// At most this many compressed bytes per miss; a read that keeps missing where the
+    /// previous pull ended (sequential in tar order) doubles it each time, up to 8 times.
+    pub locality_bytes: u64,
+    /// Files up to this size count as the directory's small files.
+    pub locality_small_file: u64,
+}
+
+/// `true`/`false`, or `"on"`/`"off"`.
+fn on_off<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<bool, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OnOff {
+        Bool(bool),
+        Word(String),
+    }
+    match OnOff::deserialize(d)? {
+        OnOff::Bool(b) => Ok(b),
+        OnOff::Word(w) => match w.as_str() {
+            "on" => Ok(true),
+            "off" => Ok(false),
+            other => Err(serde::de::Error::custom(format!(
+                "{other:?}: expected on, off, true or false"
+            ))),
+        },
+    }
 }
 
 impl Default for TraceConfig {
@@ -71,6 +140,9 @@ impl Default for PrefetchConfig {
         PrefetchConfig {
             auto_replay: true,
             concurrency: 4,
+            locality: true,
+            locality_bytes: DEFAULT_LOCALITY_BYTES,
+            locality_small_file: DEFAULT_LOCALITY_SMALL_FILE,
         }
     }
 }
@@ -86,6 +158,9 @@ pub struct FetchConfig {
     pub attempts: u32,
     /// Per-request HTTP timeout, seconds.
     pub request_timeout_secs: f64,
+    /// Compressed bytes one on-demand request may cover: the demanded chunk plus the
+    /// missing chunks after it in its pack (0: the demanded chunk only).
+    pub readahead: u64,
 }
 
 impl Default for Config {
@@ -96,9 +171,11 @@ impl Default for Config {
             mode: KernelMode::Auto,
             metrics_address: String::new(),
             hosts_dir: None,
+            chunk_size: dedup_image::index::DEFAULT_CHUNK_SIZE,
             fetch: FetchConfig::default(),
             trace: TraceConfig::default(),
             prefetch: PrefetchConfig::default(),
+            cachefiles: CachefilesConfig::default(),
         }
     }
 }
@@ -110,6 +187,7 @@ impl Default for FetchConfig {
             deadline_secs: 30.0,
             attempts: 3,
             request_timeout_secs: 30.0,
+            readahead: DEFAULT_READAHEAD,
         }
     }
 }
@@ -125,9 +203,25 @@ impl Config {
         Self::parse(&text).with_context(|| format!("config {}", path.display()))
     }
 
+    /// Parses dedupd's settings: the whole file, or its `[daemon]` table when it has
+    /// one (the file dedup-snapshotter shares, whose `[snapshotter]` table is the
+    /// snapshotter's own).
     pub fn parse(text: &str) -> Result<Config> {
-        let cfg: Config =
+        let value: toml::Table =
             toml::from_str(text).map_err(|e| anyhow::anyhow!("{}", e.to_string().trim()))?;
+        match value.get("daemon") {
+            Some(toml::Value::Table(t)) => {
+                Self::from_table(t.clone()).map_err(|e| anyhow::anyhow!("[daemon] {e:#}"))
+            }
+            Some(_) => bail!("daemon: must be a table"),
+            None => Self::from_table(value),
+        }
+    }
+
+    /// Checks one table of settings; errors start with the key's name.
+    pub fn from_table(t: toml::Table) -> Result<Config> {
+        let cfg: Config = Config::deserialize(t)
+            .map_err(|e| anyhow::anyhow!("{}", e.to_string().trim()))?;
         cfg.validate()?;
         Ok(cfg)
     }
@@ -135,6 +229,13 @@ impl Config {
     pub fn validate(&self) -> Result<()> {
         if !self.root.is_absolute() {
             bail!("root: {:?} must be an absolute path", self.root);
+        }
+        let chunking = dedup_image::convert::ChunkingOptions {
+            chunk_size: self.chunk_size,
+            ..Default::default()
+        };
+        if let Err(e) = chunking.validate() {
+            bail!("chunk_size: {e}");
         }
         if !self.socket.is_absolute() {
             bail!("socket: {:?} must be an absolute path", self.socket);
@@ -181,6 +282,34 @@ impl Config {
                 self.prefetch.concurrency
             );
         }
+        crate::frontend::cachefiles::mount::check_domain(&self.cachefiles.domain)
+            .context("cachefiles.domain")?;
+        if let Some(d) = &self.cachefiles.dir
+            && !d.is_absolute()
+        {
+            bail!("cachefiles.dir: {d:?} must be an absolute path");
+        }
+        if self.fetch.readahead > 64 << 20 {
+            bail!(
+                "fetch.readahead: {} must be at most 64 MiB ({})",
+                self.fetch.readahead,
+                64u64 << 20
+            );
+        }
+        if self.prefetch.locality_bytes > 256 << 20 {
+            bail!(
+                "prefetch.locality_bytes: {} must be at most 256 MiB ({})",
+                self.prefetch.locality_bytes,
+                256u64 << 20
+            );
+        }
+        if self.prefetch.locality_small_file > 64 << 20 {
+            bail!(
+                "prefetch.locality_small_file: {} must be at most 64 MiB ({})",
+                self.prefetch.locality_small_file,
+                64u64 << 20
+            );
+        }
         if let Some(d) = &self.hosts_dir
             && !d.is_absolute()
         {
@@ -197,6 +326,14 @@ impl Config {
                 })?;
         }
         Ok(())
+    }
+
+    /// The cachefiles cache directory.
+    pub fn cachefiles_dir(&self) -> PathBuf {
+        self.cachefiles
+            .dir
+            .clone()
+            .unwrap_or_else(|| self.root.join("cachefiles"))
     }
 
     pub fn deadline(&self) -> Duration {
@@ -236,6 +373,35 @@ mod tests {
         let c = Config::parse("[prefetch]\nauto_replay = false\n[trace]\nidle_secs = 0.5").unwrap();
         assert!(!c.prefetch.auto_replay);
         assert_eq!(c.trace.idle_secs, 0.5);
+        let c = Config::parse("[prefetch]\nlocality = \"off\"\n[fetch]\nreadahead = 0").unwrap();
+        assert!(!c.prefetch.locality);
+        assert_eq!(c.fetch.readahead, 0);
+        assert!(
+            Config::parse("[prefetch]\nlocality = true")
+                .unwrap()
+                .prefetch
+                .locality
+        );
+        let e = Config::parse("[prefetch]\nlocality = \"maybe\"")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("locality"), "{e}");
+        let e = Config::parse("[fetch]\nreadahead = 1000000000")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("fetch.readahead"), "{e}");
+        let c = Config::parse("mode = \"cachefiles\"\n[cachefiles]\ndomain = \"d1\"").unwrap();
+        assert_eq!(c.mode, KernelMode::Cachefiles);
+        assert_eq!(c.cachefiles.domain, "d1");
+        assert_eq!(c.cachefiles_dir(), c.root.join("cachefiles"));
+        let e = Config::parse("[cachefiles]\ndomain = \"a,b\"")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("cachefiles.domain"), "{e}");
+        let e = Config::parse("[cachefiles]\ndir = \"rel\"")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("cachefiles.dir"), "{e}");
         let e = Config::parse("[trace]\nidle_secs = 0")
             .unwrap_err()
             .to_string();

@@ -57,6 +57,8 @@ impl SlotWriter for StoreWriter {
     }
 }
 
+mod layers;
+
 /// A registered image.
 struct Registered {
     info: proto::ImageInfo,
@@ -74,6 +76,8 @@ pub struct Daemon {
     mounts_file: PathBuf,
     /// Records access traces (None when `trace.record` is off).
     recorder: Option<Arc<Recorder>>,
+    /// Layers held for clients (AcquireLayer, ImportLayer); see `layers`.
+    layers: tokio::sync::Mutex<layers::Holds>,
 }
 
 impl Daemon {
@@ -267,7 +271,15 @@ impl Daemon {
     }
 
     fn write_mounts_file(&self) -> Result<()> {
-        let mut lines = Vec::new();
+        // Held layers first: the holder unmounts in reverse order, so they go last,
+        // after whatever might be stacked on them. The holds file is saved before this
+        // is called.
+        let mut lines: Vec<String> = self
+            .root
+            .load_holds()?
+            .keys()
+            .map(|c| self.root.layer_mountpoint(c).display().to_string())
+            .collect();
         for (_, rec) in self.root.records()? {
             for l in &rec.layers {
                 lines.push(self.root.layer_mountpoint(&l.chain).display().to_string());
@@ -354,7 +366,7 @@ impl DaemonOps for Daemon {
             .collect();
         let st = self.store.stats()?;
         Ok(proto::StatusResponse {
-            mode: "fanotify".into(),
+            mode: frontend_mode().into(),
             pid: std::process::id(),
             uptime_seconds: self.started.elapsed().as_secs(),
             images,
@@ -406,6 +418,7 @@ impl DaemonOps for Daemon {
             );
         }
         self.core.render_metrics(&mut out);
+        crate::frontend::cachefiles::render_metrics(&mut out);
         if let Some(rec) = &self.recorder {
             rec.render_metrics(&mut out);
         }
@@ -442,6 +455,22 @@ impl DaemonOps for Daemon {
             ))
             .into()
         })
+    }
+
+    async fn acquire_layer(&self, req: control::AcquireLayer) -> Result<proto::LayerMount> {
+        self.acquire_layer_impl(req).await
+    }
+
+    async fn import_layer(&self, req: control::ImportLayer) -> Result<proto::LayerMount> {
+        self.import_layer_impl(req).await
+    }
+
+    async fn release_layer(&self, chain: Sha256, owner: &str) -> Result<bool> {
+        self.release_layer_impl(chain, owner).await
+    }
+
+    async fn list_layers(&self, owner_prefix: &str) -> Result<Vec<proto::HeldLayer>> {
+        Ok(self.list_layers_impl(owner_prefix).await)
     }
 
     async fn replay_trace(&self, reference: &str, data: Vec<u8>) -> Result<control::ReplayStream> {
@@ -544,16 +573,7 @@ pub async fn run_server(cfg: Config) -> Result<()> {
         store.clone(),
         Arc::new(Mutex::new(BTreeMap::new())),
     ));
-    let core = Core::new(
-        bitmap,
-        writer,
-        CoreOptions {
-            fetch_slots: cfg.fetch.concurrency,
-            attempts: cfg.fetch.attempts,
-            deadline: cfg.deadline(),
-            ..CoreOptions::default()
-        },
-    );
+    let core = Core::new(bitmap, writer, CoreOptions::from_config(&cfg));
     let mounts_file = cfg.root.join("mounts").join("dedupd.list");
     let recorder = cfg.trace.record.then(|| {
         Recorder::start(
@@ -574,11 +594,15 @@ pub async fn run_server(cfg: Config) -> Result<()> {
         started: Instant::now(),
         mounts_file,
         recorder,
+        layers: Default::default(),
     });
     reregister(&daemon).await;
+    daemon.restore_holds().await;
 
     let stop = Arc::new(Notify::new());
-    let events = tokio::spawn(server::serve(core, group, socket, stop.clone()));
+    let events = spawn_frontend(&cfg, &daemon, core, group, socket, stop.clone())?;
+    // After the frontend is up: in cachefiles mode a mount needs it to answer.
+    daemon.mount_restored_holds().await;
     if !cfg.metrics_address.is_empty() {
         let addr = cfg.metrics_address.parse()?;
         let listener = control::bind_metrics(addr, false).await?;
@@ -604,6 +628,43 @@ pub async fn run_server(cfg: Config) -> Result<()> {
     }
     let _ = daemon.write_mounts_file();
     Ok(())
+}
+
+/// The kernel frontend this server runs (the holder chose it and says so in the
+/// environment).
+fn frontend_mode() -> &'static str {
+    if crate::frontend::cachefiles::holder::server_is_cachefiles() {
+        "cachefiles"
+    } else {
+        "fanotify"
+    }
+}
+
+/// Starts the frontend that serves the inherited kernel descriptor; in cachefiles mode
+/// layer mounts go through fscache in the configured domain.
+fn spawn_frontend(
+    cfg: &Config,
+    daemon: &Daemon,
+    core: Arc<Core>,
+    kernel_fd: Arc<OwnedFd>,
+    socket: OwnedFd,
+    stop: Arc<Notify>,
+) -> Result<tokio::task::JoinHandle<std::io::Result<()>>> {
+    if frontend_mode() == "cachefiles" {
+        local_mount::layer::use_cachefiles(&cfg.cachefiles.domain);
+        let (task, _stats) = crate::frontend::cachefiles::spawn_server(
+            core,
+            &daemon.store,
+            &daemon.root.layers_dir(),
+            &cfg.cachefiles.domain,
+            cfg.cachefiles.push_ahead,
+            kernel_fd,
+            socket,
+            stop,
+        )?;
+        return Ok(task);
+    }
+    Ok(tokio::spawn(server::serve(core, kernel_fd, socket, stop)))
 }
 
 /// After a server restart, registers again the images registered before, so the slots

@@ -35,27 +35,30 @@ pub async fn open(src: &Endpoint, platform: &Platform) -> Result<ConvertedImage>
     let config = ImageConfig::from_slice(&config_bytes)
         .with_context(|| format!("{name}: parsing config {}", manifest.config.digest))?;
     let mut layers = Vec::with_capacity(manifest.layers.len());
-    for (i, desc) in manifest.layers.iter().enumerate() {
-        if desc.media_type != format::LAYER_INDEX {
+    for (i, stub) in manifest.layers.iter().enumerate() {
+        let desc = index_descriptor(stub)
+            .with_context(|| format!("{name}: layer {} ({})", i + 1, stub.digest))?;
+        if config.rootfs.diff_ids.get(i).map(|d| d.as_str()) != Some(stub.digest.as_str()) {
             bail!(
-                "{name}: layer {} has media type {:?}: not a converted image",
+                "{name}: layer {} is the stub {}, but the config's diff_id {} is {:?}",
                 i + 1,
-                desc.media_type
+                stub.digest,
+                i + 1,
+                config.rootfs.diff_ids.get(i)
             );
         }
-        let index = read_layer_index(src, desc)
+        let index = read_layer_index(src, &desc)
             .await
             .with_context(|| format!("{name}: layer index {} ({})", i + 1, desc.digest))?;
-        if let Some(d) = config.rootfs.diff_ids.get(i)
-            && index.diff_id.oci() != d.as_str()
-        {
+        let want = desc.annotation(format::ANN_DIFF_ID).unwrap_or_default();
+        if index.diff_id.oci() != want {
             bail!(
-                "{name}: layer {} index is for diff_id {}, config says {d}",
+                "{name}: layer {} index is for diff_id {}, its annotation says {want}",
                 i + 1,
                 index.diff_id
             );
         }
-        layers.push((desc.clone(), index));
+        layers.push((desc, index));
     }
     Ok(ConvertedImage {
         manifest_digest,
@@ -63,6 +66,28 @@ pub async fn open(src: &Endpoint, platform: &Platform) -> Result<ConvertedImage>
         config,
         layers,
     })
+}
+
+/// The layer index blob a stub layer descriptor names, carrying the stub's
+/// annotations. Errors when the layer is not a dedup stub.
+pub fn index_descriptor(stub: &Descriptor) -> Result<Descriptor> {
+    let digest = stub.annotation(format::ANN_LAYER_INDEX).with_context(|| {
+        format!(
+            "media type {:?} without a {} annotation: not a converted image",
+            stub.media_type,
+            format::ANN_LAYER_INDEX
+        )
+    })?;
+    let digest = Digest::parse(digest)
+        .map_err(|e| anyhow::anyhow!("annotation {}: {e}", format::ANN_LAYER_INDEX))?;
+    let size = stub
+        .annotation(format::ANN_INDEX_SIZE)
+        .with_context(|| format!("no {} annotation", format::ANN_INDEX_SIZE))?
+        .parse::<u64>()
+        .map_err(|e| anyhow::anyhow!("annotation {}: {e}", format::ANN_INDEX_SIZE))?;
+    let mut desc = Descriptor::new(format::LAYER_INDEX, digest, size);
+    desc.annotations = stub.annotations.clone();
+    Ok(desc)
 }
 
 /// Fetches one layer index blob, checks its digest, decodes it within the declared bound.

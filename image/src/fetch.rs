@@ -3,6 +3,7 @@
 //! every chunk against its SHA-256 before anyone sees its bytes.
 
 use anyhow::{Context, Result, bail};
+use bytes::Bytes;
 
 use crate::convert::decompress_chunk;
 use crate::endpoint::Endpoint;
@@ -59,8 +60,17 @@ pub async fn fetch_run(
     index: &LayerIndex,
     run: &Run,
 ) -> Result<Vec<(u32, Vec<u8>)>> {
-    let pack = &index.packs[run.pack as usize];
-    let pack_digest = Digest::from_sha256(pack.digest.0);
+    let bytes = fetch_run_bytes(src, index, run).await?;
+    run.chunks
+        .iter()
+        .map(|&id| Ok((id, decode_in_run(index, run, &bytes, id)?)))
+        .collect()
+}
+
+/// The compressed bytes of one run (one Range request), exactly `run.len` of them. Nothing
+/// in them is trusted until [`decode_in_run`] checked it.
+pub async fn fetch_run_bytes(src: &Endpoint, index: &LayerIndex, run: &Run) -> Result<Bytes> {
+    let pack_digest = pack_digest(index, run);
     let bytes = src
         .get_blob_range(&pack_digest, run.offset, run.len)
         .await
@@ -78,16 +88,55 @@ pub async fn fetch_run(
             bytes.len()
         );
     }
-    let mut out = Vec::with_capacity(run.chunks.len());
-    for &id in &run.chunks {
-        let c: &ChunkRef = &index.chunks[id as usize];
-        let start = (c.offset - run.offset) as usize;
-        let frame = &bytes[start..start + c.compressed_len as usize];
-        let raw = decompress_chunk(frame, c.size, &c.digest)
-            .map_err(|e| anyhow::anyhow!("pack {pack_digest} at {}: {e}", c.offset))?;
-        out.push((id, raw));
-    }
-    Ok(out)
+    Ok(bytes)
+}
+
+/// Decompresses chunk `id`'s frame out of the bytes fetched for `run` (never past the size
+/// the index declares) and checks it against its SHA-256. CPU work: callers on an async
+/// runtime run it on a blocking thread.
+pub fn decode_in_run(index: &LayerIndex, run: &Run, bytes: &[u8], id: u32) -> Result<Vec<u8>> {
+    let c: &ChunkRef = &index.chunks[id as usize];
+    let frame = c
+        .offset
+        .checked_sub(run.offset)
+        .map(|start| start as usize)
+        .and_then(|start| bytes.get(start..start + c.compressed_len as usize))
+        .with_context(|| {
+            format!(
+                "chunk {} at {} of pack {} lies outside the fetched run",
+                c.digest,
+                c.offset,
+                pack_digest(index, run)
+            )
+        })?;
+    decompress_chunk(frame, c.size, &c.digest)
+        .map_err(|e| anyhow::anyhow!("pack {} at {}: {e}", pack_digest(index, run), c.offset))
+}
+
+/// The same pack region narrowed to `chunks` (a subset of a run's chunks, e.g. the ones
+/// still to fetch after a partial failure).
+pub fn narrow_run(index: &LayerIndex, pack: u32, chunks: &[u32]) -> Option<Run> {
+    let mut ids = chunks.to_vec();
+    ids.sort_by_key(|&i| index.chunks[i as usize].offset);
+    ids.dedup();
+    let first = &index.chunks[*ids.first()? as usize];
+    let end = ids
+        .iter()
+        .map(|&i| {
+            let c = &index.chunks[i as usize];
+            c.offset + c.compressed_len as u64
+        })
+        .max()?;
+    Some(Run {
+        pack,
+        offset: first.offset,
+        len: end - first.offset,
+        chunks: ids,
+    })
+}
+
+fn pack_digest(index: &LayerIndex, run: &Run) -> Digest {
+    Digest::from_sha256(index.packs[run.pack as usize].digest.0)
 }
 
 #[cfg(test)]
@@ -160,5 +209,20 @@ mod tests {
         // With a gap allowance the far frame joins; with a size cap nothing merges.
         assert_eq!(plan_runs(&idx, &[0, 1, 2, 4], 1000, 1 << 20).len(), 1);
         assert_eq!(plan_runs(&idx, &[0, 1, 4], 0, 100).len(), 2);
+    }
+
+    #[test]
+    fn a_run_narrows_to_the_chunks_still_missing() {
+        let idx = index(&[(0, 0, 100), (0, 100, 50), (0, 150, 10), (0, 160, 40)]);
+        assert_eq!(
+            narrow_run(&idx, 0, &[2, 1]),
+            Some(Run {
+                pack: 0,
+                offset: 100,
+                len: 60,
+                chunks: vec![1, 2]
+            })
+        );
+        assert_eq!(narrow_run(&idx, 0, &[]), None);
     }
 }

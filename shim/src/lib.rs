@@ -10,11 +10,14 @@
 //!   and the mounts (overlay or bind) a snapshot turns into.
 //! - [`snapshotter`]: the operations, ordering metadata and directory work so a
 //!   crash leaves nothing Cleanup cannot remove.
+//! - [`layers`]: committed snapshots as EROFS layers held from dedupd (remote
+//!   layers of converted images, and imported directories).
 //! - [`service`]: the gRPC service containerd calls; [`socket`]: its unix socket.
 //! - [`config`]: the TOML configuration of the `dedup-snapshotter` binary.
 
 pub mod config;
 pub mod fs;
+pub mod layers;
 pub mod metadata;
 pub mod service;
 pub mod snapshotter;

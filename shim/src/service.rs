@@ -51,6 +51,10 @@ pub fn to_status(e: &snapshotter::Error) -> Status {
         snapshotter::Error::Metadata(M::AlreadyExists(_)) => Status::already_exists(msg),
         snapshotter::Error::Metadata(M::FailedPrecondition(_)) => Status::failed_precondition(msg),
         snapshotter::Error::Metadata(M::InvalidArgument(_)) => Status::invalid_argument(msg),
+        // Malformed dedup labels or a malformed layer stub.
+        snapshotter::Error::Layer(crate::layers::Error::Invalid(_)) => {
+            Status::invalid_argument(msg)
+        }
         _ => Status::unknown(msg),
     }
 }

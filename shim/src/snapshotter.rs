@@ -12,12 +12,18 @@
 //! Every method blocks (SQLite, directory walks); the gRPC service runs them on the
 //! blocking pool.
 //!
-//! Later layers of this issue plug in here: Prepare with a
-//! `containerd.io/snapshot.ref` label of a converted layer becomes a remote snapshot
-//! (commit it under the ChainID, answer AlreadyExists), and Commit of an
-//! unconverted layer turns its directory into a layer index plus chunks. Commit
-//! already measures the directory outside the metadata lock for that reason: slow
-//! work on an active snapshot must not stall every other request.
+//! With dedupd ([`Layers`]), every committed snapshot is an EROFS layer dedupd
+//! holds (see [`crate::layers`]): Prepare of a converted layer with its labels
+//! becomes a remote snapshot (committed under the target, answered with
+//! AlreadyExists), and Commit turns the directory into a layer (a stub: the
+//! converted layer it names; anything else: imported into the node store), then
+//! empties it. dedupd's work runs outside the metadata lock: slow work on one
+//! snapshot must not stall every other request.
+//!
+//! Crash ordering with dedupd: the hold is taken first, the row committed after,
+//! the directory emptied last; removal deletes the row, then releases the hold.
+//! A crash between can leave a hold with no row (a layer mounted for nothing),
+//! never a row without its layer.
 
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
@@ -29,7 +35,8 @@ use nix::fcntl::{Flock, FlockArg};
 use tracing::{debug, info, warn};
 
 use crate::fs::{self, Layout, Mount, OverlayOptions};
-use crate::metadata::{self, Filter, Info, Kind, MetaStore, Usage};
+use crate::layers::{self, Layers, RemoteLayer, TARGET_LABEL};
+use crate::metadata::{self, Filter, Info, Kind, LayerRef, MetaStore, Usage};
 
 /// A failed snapshot operation: a metadata outcome (NotFound, AlreadyExists, ...)
 /// or a filesystem failure.
@@ -39,6 +46,8 @@ pub enum Error {
     Metadata(#[from] metadata::Error),
     #[error(transparent)]
     Fs(#[from] fs::Error),
+    #[error(transparent)]
+    Layer(#[from] layers::Error),
     /// The root is unusable (locked by another process, not UTF-8, ...).
     #[error("snapshotter root {}: {message}", root.display())]
     Root { root: PathBuf, message: String },
@@ -54,6 +63,13 @@ pub struct Snapshotter {
     meta: MetaStore,
     layout: Layout,
     overlay: OverlayOptions,
+    /// dedupd; None: a plain overlay snapshotter (layers stay directories).
+    layers: Option<Layers>,
+    /// Held across every "hold from dedupd, then record the row" step (remote
+    /// Prepare, Commit) and across Cleanup, so two Prepares for one target cannot
+    /// both hold it, and Cleanup never takes a hold whose row is being written for
+    /// an orphan.
+    remote: std::sync::Mutex<()>,
     _lock: Flock<File>,
 }
 
@@ -61,6 +77,11 @@ impl Snapshotter {
     /// Opens the snapshotter at `root` (created 0700 if missing), takes its lock,
     /// opens the metadata, and removes directories no snapshot refers to.
     pub fn open(root: &Path) -> Result<Snapshotter> {
+        Self::open_with(root, None)
+    }
+
+    /// Opens the snapshotter with dedupd holding its layers (see [`open`](Self::open)).
+    pub fn open_with(root: &Path, layers: Option<Layers>) -> Result<Snapshotter> {
         let root_err = |message: String| Error::Root {
             root: root.to_path_buf(),
             message,
@@ -113,6 +134,8 @@ impl Snapshotter {
             meta,
             layout,
             overlay: OverlayOptions::probe(),
+            layers,
+            remote: std::sync::Mutex::new(()),
             _lock: lock,
         };
         sn.cleanup()?;
@@ -124,13 +147,104 @@ impl Snapshotter {
     }
 
     /// Creates an active snapshot on `parent` (empty: none); returns its mounts.
+    /// A converted layer named by the labels is committed under the target label
+    /// instead, and the answer is AlreadyExists (containerd's remote snapshots).
     pub fn prepare(
         &self,
         key: &str,
         parent: &str,
         labels: &BTreeMap<String, String>,
     ) -> Result<Vec<Mount>> {
+        if let (Some(target), Some(ly)) = (labels.get(TARGET_LABEL), &self.layers)
+            && let Some(remote) = RemoteLayer::from_labels(labels)?
+        {
+            match self.prepare_remote(ly, target, parent, labels, &remote) {
+                Ok(()) => {
+                    return Err(metadata::Error::AlreadyExists(format!(
+                        "target snapshot {target:?}"
+                    ))
+                    .into());
+                }
+                // Already there, or a request that is wrong whatever we do.
+                Err(e @ (Error::Metadata(_) | Error::Layer(layers::Error::Invalid(_)))) => {
+                    return Err(e);
+                }
+                // dedupd or the registry failed: an ordinary snapshot lets containerd
+                // fetch and apply the stub, and Commit tries the layer again.
+                Err(e) => {
+                    warn!(key, target, error = %e, "remote snapshot failed; preparing an ordinary one")
+                }
+            }
+        }
         self.create(Kind::Active, key, parent, labels)
+    }
+
+    /// Holds `remote` from dedupd and commits it as `target` on `parent`.
+    fn prepare_remote(
+        &self,
+        ly: &Layers,
+        target: &str,
+        parent: &str,
+        labels: &BTreeMap<String, String>,
+        remote: &RemoteLayer,
+    ) -> Result<()> {
+        let _one = self.remote.lock().unwrap_or_else(|e| e.into_inner());
+        let parent_chain = self.meta.read(|tx| {
+            if tx.lookup(target)?.is_some() {
+                return Err(metadata::Error::AlreadyExists(format!(
+                    "target snapshot {target:?}"
+                )));
+            }
+            self.parent_chain(tx, parent)
+        })?;
+        metadata::validate_key("name", target)?;
+        metadata::validate_labels(labels)?;
+        let chain = layers::chain_id(parent_chain.as_deref(), &remote.diff_id);
+        let owner = ly.owner(target);
+        let layer = ly.acquire(remote, &chain, parent_chain.as_deref(), &owner)?;
+        let created = self.meta.write(|tx| {
+            let id = tx.create_committed(target, parent, labels)?;
+            tx.set_layer(id, &layer)?;
+            Ok::<_, Error>(id)
+        });
+        match created {
+            Ok(id) => {
+                info!(target, parent, id, chain, "committed remote snapshot");
+                Ok(())
+            }
+            Err(e) => {
+                if let Err(r) = ly.release(&layer.chain_id, &owner) {
+                    warn!(error = %r, "releasing a layer after a failed remote prepare");
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// dedupd's chain id of committed snapshot `parent` (None for no parent). A
+    /// parent that is not a dedupd layer cannot carry one: FailedPrecondition.
+    fn parent_chain(
+        &self,
+        tx: &metadata::Tx<'_>,
+        parent: &str,
+    ) -> Result<Option<String>, metadata::Error> {
+        if parent.is_empty() {
+            return Ok(None);
+        }
+        let (id, kind) = tx
+            .lookup(parent)?
+            .ok_or_else(|| metadata::Error::NotFound(format!("parent snapshot {parent:?}")))?;
+        if kind != Kind::Committed {
+            return Err(metadata::Error::InvalidArgument(format!(
+                "parent {parent:?} is not a committed snapshot"
+            )));
+        }
+        match tx.layer(id)? {
+            Some(l) => Ok(Some(l.chain_id)),
+            None => Err(metadata::Error::FailedPrecondition(format!(
+                "parent {parent:?} is a plain directory, not a dedupd layer (committed before dedupd was configured?)"
+            ))),
+        }
     }
 
     /// Creates a read-only view of `parent`; returns its mounts.
@@ -152,11 +266,12 @@ impl Snapshotter {
     ) -> Result<Vec<Mount>> {
         let s = self.meta.write(|tx| {
             let s = tx.create(kind, key, parent, labels)?;
+            let parent_root = s.parent_ids.first().map(|p| match s.layer_mounts.get(p) {
+                Some(m) => std::path::PathBuf::from(m),
+                None => self.layout.fs_dir(*p),
+            });
             let tmp = self.layout.new_dir(kind)?;
-            if let Err(e) = self
-                .layout
-                .install(&tmp, s.id, s.parent_ids.first().copied())
-            {
+            if let Err(e) = self.layout.install(&tmp, s.id, parent_root.as_deref()) {
                 let _ = fs::remove_all(&tmp);
                 return Err(Error::from(e));
             }
@@ -172,29 +287,128 @@ impl Snapshotter {
         Ok(fs::mounts(&self.layout, &s, &self.overlay))
     }
 
-    /// Commits the active snapshot `key` as `name`, recording its usage.
+    /// Commits the active snapshot `key` as `name`, recording its usage. With
+    /// dedupd, the directory becomes a layer dedupd holds and is emptied.
     pub fn commit(&self, name: &str, key: &str, labels: &BTreeMap<String, String>) -> Result<()> {
         // Measure outside the lock; if the key changed meanwhile, measure again
         // inside it.
-        let measured = match self.meta.read(|tx| tx.lookup(key))? {
-            Some((id, Kind::Active)) => Some((id, fs::disk_usage(&self.layout.fs_dir(id))?)),
+        let found = self.meta.read(|tx| match tx.lookup(key)? {
+            Some((id, Kind::Active)) => {
+                let parent = tx.get_info(key)?.1.parent;
+                Ok::<_, Error>(Some((id, parent)))
+            }
+            _ => Ok(None),
+        })?;
+        let measured = match &found {
+            Some((id, _)) => Some((*id, fs::disk_usage(&self.layout.fs_dir(*id))?)),
+            None => None,
+        };
+        let _holding = self.remote.lock().unwrap_or_else(|e| e.into_inner());
+        let held = match (&self.layers, &found) {
+            (Some(ly), Some((id, parent))) => {
+                metadata::validate_key("name", name)?;
+                metadata::validate_labels(labels)?;
+                if self.meta.read(|tx| tx.lookup(name))?.is_some() {
+                    return Err(metadata::Error::AlreadyExists(format!(
+                        "committed snapshot {name:?}"
+                    ))
+                    .into());
+                }
+                Some((*id, self.hold_committed(ly, *id, parent, name)?))
+            }
             _ => None,
         };
-        let id = self.meta.write(|tx| {
+        let committed = self.meta.write(|tx| {
             let usage = match (tx.lookup(key)?, measured) {
                 (Some((id, Kind::Active)), Some((mid, u))) if id == mid => u,
                 (Some((id, Kind::Active)), _) => fs::disk_usage(&self.layout.fs_dir(id))?,
                 _ => Usage::default(),
             };
-            Ok::<_, Error>(tx.commit(key, name, usage, labels)?)
-        })?;
-        info!(key, name, id, "committed snapshot");
+            let id = tx.commit(key, name, usage, labels)?;
+            if let Some((hid, layer)) = &held {
+                if *hid != id {
+                    return Err(metadata::Error::FailedPrecondition(format!(
+                        "snapshot {key:?} changed while it was being committed"
+                    ))
+                    .into());
+                }
+                tx.set_layer(id, layer)?;
+            }
+            Ok::<_, Error>(id)
+        });
+        let id = match committed {
+            Ok(id) => id,
+            Err(e) => {
+                if let (Some(ly), Some((_, layer))) = (&self.layers, &held)
+                    && let Err(r) = ly.release(&layer.chain_id, &ly.owner(name))
+                {
+                    warn!(error = %r, "releasing a layer after a failed commit");
+                }
+                return Err(e);
+            }
+        };
+        if held.is_some() {
+            // The layer is what children see now; the directory's copy goes.
+            self.empty_dirs(id);
+        }
+        info!(key, name, id, layer = held.is_some(), "committed snapshot");
         Ok(())
+    }
+
+    /// The layer dedupd holds for active snapshot `id` committed as `name`: the
+    /// converted layer its stub names, or its directory imported.
+    fn hold_committed(
+        &self,
+        ly: &Layers,
+        id: metadata::Id,
+        parent: &str,
+        name: &str,
+    ) -> Result<LayerRef> {
+        let parent_chain = self.meta.read(|tx| self.parent_chain(tx, parent))?;
+        let dir = self.layout.fs_dir(id);
+        let owner = ly.owner(name);
+        if let Some(remote) = RemoteLayer::from_stub_dir(&dir)? {
+            let chain = layers::chain_id(parent_chain.as_deref(), &remote.diff_id);
+            return Ok(ly.acquire(&remote, &chain, parent_chain.as_deref(), &owner)?);
+        }
+        let chain = layers::import_chain_id(parent_chain.as_deref(), &owner);
+        Ok(ly.import(&dir, &chain, parent_chain.as_deref(), &owner)?.0)
+    }
+
+    /// Empties the directories of committed layer `id`: `fs` stays (empty), `work`
+    /// goes. A failure leaves bytes behind, not an error.
+    fn empty_dirs(&self, id: metadata::Id) {
+        let fs_dir = self.layout.fs_dir(id);
+        let r = fs::remove_all(&fs_dir)
+            .and_then(|()| fs::remove_all(&self.layout.work_dir(id)))
+            .and_then(|()| {
+                std::fs::create_dir(&fs_dir).map_err(|source| fs::Error {
+                    op: "creating",
+                    path: fs_dir.clone(),
+                    source,
+                })
+            });
+        if let Err(e) = r {
+            warn!(error = %e, "emptying the directory of a committed layer");
+        }
     }
 
     /// Removes a snapshot and its directory.
     pub fn remove(&self, key: &str) -> Result<()> {
-        let (id, kind) = self.meta.write(|tx| tx.remove(key))?;
+        let (id, kind, layer) = self.meta.write(|tx| {
+            let layer = match tx.lookup(key)? {
+                Some((id, _)) => tx.layer(id)?,
+                None => None,
+            };
+            let (id, kind) = tx.remove(key)?;
+            Ok::<_, Error>((id, kind, layer))
+        })?;
+        if let (Some(layer), Some(ly)) = (&layer, &self.layers)
+            && let Err(e) = ly.release(&layer.chain_id, &ly.owner(key))
+        {
+            // The row is gone; the hold stays until dedupd's records are cleaned.
+            warn!(error = %e, chain = layer.chain_id, "releasing the layer of a removed snapshot");
+        }
         // The row is gone for good; a failure here leaves an orphan for Cleanup,
         // not an error for the caller (containerd's overlay does the same).
         let start = std::time::Instant::now();
@@ -239,7 +453,9 @@ impl Snapshotter {
         }
     }
 
-    /// Removes every directory under `snapshots/` that no snapshot refers to.
+    /// Removes every directory under `snapshots/` that no snapshot refers to, and
+    /// releases the layers dedupd holds for snapshots that no longer exist (a crash
+    /// between a hold and its row, or a release that failed).
     pub fn cleanup(&self) -> Result<()> {
         // Listed under the write lock, so no creation is half-way.
         let orphans = self
@@ -249,6 +465,32 @@ impl Snapshotter {
             match fs::remove_all(dir) {
                 Ok(()) => info!(path = %dir.display(), "cleanup: removed orphaned directory"),
                 Err(e) => warn!(error = %e, "cleanup: cannot remove an orphaned directory"),
+            }
+        }
+        if let Some(ly) = &self.layers
+            && let Err(e) = self.release_orphan_holds(ly)
+        {
+            warn!(error = %e, "cleanup: cannot check dedupd's holds");
+        }
+        Ok(())
+    }
+
+    fn release_orphan_holds(&self, ly: &Layers) -> Result<()> {
+        let _holding = self.remote.lock().unwrap_or_else(|e| e.into_inner());
+        for (chain, owner) in ly.held()? {
+            let Some(name) = ly.owner_name(&owner) else {
+                continue;
+            };
+            let row_chain = self.meta.read(|tx| match tx.lookup(name)? {
+                Some((id, Kind::Committed)) => Ok::<_, Error>(tx.layer(id)?.map(|l| l.chain_id)),
+                _ => Ok(None),
+            })?;
+            if row_chain.as_deref() == Some(chain.as_str()) {
+                continue;
+            }
+            match ly.release(&chain, &owner) {
+                Ok(()) => info!(chain, name, "cleanup: released a layer no snapshot uses"),
+                Err(e) => warn!(chain, name, error = %e, "cleanup: releasing an orphaned hold"),
             }
         }
         Ok(())

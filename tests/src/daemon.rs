@@ -12,6 +12,10 @@ use anyhow::{Context, Result, bail};
 
 /// Builds the workspace binaries once per test process and returns the path of `name`.
 pub fn binary(name: &str) -> PathBuf {
+    // Inside the test VM (tests/vm) the binaries were built on the host beforehand.
+    if let Some(dir) = std::env::var_os("DEDUP_PREBUILT_BIN_DIR") {
+        return PathBuf::from(dir).join(name);
+    }
     static BUILT: OnceLock<std::result::Result<PathBuf, String>> = OnceLock::new();
     let dir = BUILT
         .get_or_init(|| {
@@ -58,36 +62,45 @@ impl Dedupd {
             .prefix("dedupd-test-")
             .tempdir_in("/var/tmp")?;
         let socket = root.path().join("dedupd.sock");
-        let log = std::fs::File::create(root.path().join("dedupd.log"))?;
-        let child = Command::new(binary("dedupd"))
-            .arg("--root")
-            .arg(root.path().join("node"))
-            .arg("--socket")
-            .arg(&socket)
-            .args(["--log", "info,dedup_daemon=debug"])
-            .args(extra)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn()
-            .context("starting dedupd")?;
+        let child = launch(root.path(), &socket, extra)?;
         let mut d = Dedupd {
             root,
             socket,
             child: Some(child),
         };
+        d.wait_ready()?;
+        Ok(d)
+    }
+
+    /// Stops dedupd cleanly (if it runs) and starts it again on the same node root
+    /// and socket, with `extra` flags.
+    pub fn restart(&mut self, extra: &[&str]) -> Result<()> {
+        if self.child.is_some() {
+            let st = self.stop()?;
+            if !st.success() {
+                bail!(
+                    "dedupd exited with {st} at the stop before a restart:\n{}",
+                    self.log()
+                );
+            }
+        }
+        self.child = Some(launch(self.root.path(), &self.socket, extra)?);
+        self.wait_ready()
+    }
+
+    fn wait_ready(&mut self) -> Result<()> {
         let start = Instant::now();
         loop {
-            if d.socket.exists() && d.ctl(&["status"]).is_ok_and(|o| o.status.success()) {
-                return Ok(d);
+            if self.socket.exists() && self.ctl(&["status"]).is_ok_and(|o| o.status.success()) {
+                return Ok(());
             }
-            if let Some(c) = d.child.as_mut()
+            if let Some(c) = self.child.as_mut()
                 && let Some(st) = c.try_wait()?
             {
-                bail!("dedupd exited at start ({st}):\n{}", d.log());
+                bail!("dedupd exited at start ({st}):\n{}", self.log());
             }
             if start.elapsed() > Duration::from_secs(20) {
-                bail!("dedupd did not answer within 20 s:\n{}", d.log());
+                bail!("dedupd did not answer within 20 s:\n{}", self.log());
             }
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -173,6 +186,26 @@ impl Dedupd {
             std::thread::sleep(Duration::from_millis(50));
         }
     }
+}
+
+/// Starts dedupd (holder + server) on `<dir>/node`, logging to `<dir>/dedupd.log`.
+fn launch(dir: &Path, socket: &Path, extra: &[&str]) -> Result<Child> {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("dedupd.log"))?;
+    Command::new(binary("dedupd"))
+        .arg("--root")
+        .arg(dir.join("node"))
+        .arg("--socket")
+        .arg(socket)
+        .args(["--log", "info,dedup_daemon=debug"])
+        .args(extra)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .spawn()
+        .context("starting dedupd")
 }
 
 impl Drop for Dedupd {

@@ -3,5 +3,8 @@ pub mod daemon;
 pub mod erofs_utils;
 pub mod fixtures;
 pub mod mounts;
+pub mod peers;
 pub mod proxy;
 pub mod registry;
+pub mod shaper;
+pub mod shim;

@@ -97,6 +97,21 @@ fn files_with_chunks(image: &ConvertedImage) -> BTreeMap<String, (u64, usize)> {
     out
 }
 
+/// dedupd with this config file text (kept beside the daemon: a restarted server reads it
+/// again).
+fn daemon_with(config: &str, extra: &[&str]) -> (Dedupd, tempfile::TempDir) {
+    let dir = tempfile::tempdir_in("/var/tmp").unwrap();
+    let path = dir.path().join("dedupd.toml");
+    std::fs::write(&path, config).unwrap();
+    let mut args = vec!["--config", path.to_str().unwrap()];
+    args.extend_from_slice(extra);
+    (Dedupd::start(&args).unwrap(), dir)
+}
+
+/// No read-ahead and no locality: a read fetches exactly the chunks it needs (the
+/// guarantees these tests check were made before either existed).
+const EXACT: &str = "[fetch]\nreadahead = 0\n[prefetch]\nlocality = \"off\"\n";
+
 fn mount(d: &Dedupd, image: &str) -> PathBuf {
     let mnt = d.scratch("mnt");
     d.ctl_ok(&["mount", "--plain-http", image, mnt.to_str().unwrap()])
@@ -115,7 +130,7 @@ fn lazy_mount_fetches_only_what_is_read_and_matches_the_reference() {
         .flat_map(|(_, i)| i.chunks.iter())
         .map(|c| c.size as u64)
         .sum();
-    let d = Dedupd::start(&[]).unwrap();
+    let (d, _config) = daemon_with(EXACT, &[]);
     let log_before = reg.access_log().unwrap().len();
     let mnt = mount(&d, &image);
     // Only manifests, config and layer indexes were fetched to mount.
@@ -204,7 +219,7 @@ fn concurrent_readers_fetch_each_chunk_once() {
     let fx = fixtures().unwrap();
     let reg = Registry::start().unwrap();
     let (image, conv) = converted(&fx, &reg, "py");
-    let d = Dedupd::start(&[]).unwrap();
+    let (d, _config) = daemon_with(EXACT, &[]);
     let mnt = mount(&d, &image);
     let files: Vec<(String, usize)> = files_with_chunks(&conv)
         .into_iter()
@@ -254,7 +269,8 @@ fn registry_faults_never_give_wrong_bytes_and_dead_chunks_give_eio_in_time() {
     let (_, conv) = converted(&fx, &reg, "py");
     let proxy = FaultProxy::start(&reg.host()).unwrap();
     let image = format!("{}/lazy/debian:py", proxy.host());
-    let d = Dedupd::start(&["--fetch-deadline", "4"]).unwrap();
+    // Exact fetches: the victim below must not have been pulled in by a neighbour's miss.
+    let (d, _config) = daemon_with(EXACT, &["--fetch-deadline", "4"]);
     let mnt = mount(&d, &image);
     let reference = Reference::unpack(&fx, "py");
     // Every kind of fault, a few times each, on pack reads.
@@ -463,5 +479,266 @@ fn background_fill_fetches_the_whole_image_once() {
         d.metric("dedupd_chunks_fetched_total").unwrap() as usize,
         distinct.len()
     );
+    d.ctl_ok(&["umount", mnt.to_str().unwrap()]).unwrap();
+}
+
+/// The topmost layer holding `path`, and the compressed bytes of the file's chunks there.
+fn compressed_len(conv: &ConvertedImage, path: &str) -> u64 {
+    let (_, idx) = conv
+        .layers
+        .iter()
+        .rev()
+        .find(|(_, i)| i.find(path.as_bytes()).is_some())
+        .unwrap();
+    let e = idx.find(path.as_bytes()).unwrap();
+    idx.file_chunks(e).map(|c| c.compressed_len as u64).sum()
+}
+
+/// Waits until no fetch is in flight and the fetched count stopped moving.
+fn wait_quiet(d: &Dedupd) {
+    let start = Instant::now();
+    let mut last = -1.0;
+    loop {
+        let n = d.metric("dedupd_chunks_fetched_total").unwrap();
+        if n == last && d.metric("dedupd_inflight_fetches").unwrap() == 0.0 {
+            return;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "fetches still running after 60 s"
+        );
+        last = n;
+        std::thread::sleep(Duration::from_millis(300));
+    }
+}
+
+/// Reads every file of the reference tree through the mount with 8 threads and checks
+/// the bytes; afterwards every chunk was fetched at most once: each fetch sets one
+/// presence bit, so fetching a chunk twice would count more fetches than bits.
+fn read_tree_checked(d: &Dedupd, mnt: &Path, reference: &Reference) {
+    let files: Vec<PathBuf> = walk(&reference.rootfs())
+        .into_iter()
+        .filter(|p| p.symlink_metadata().unwrap().is_file())
+        .collect();
+    let files = Arc::new(files);
+    let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let handles: Vec<_> = (0..8)
+        .map(|_| {
+            let (files, next) = (files.clone(), next.clone());
+            let (mnt, root) = (mnt.to_path_buf(), reference.rootfs());
+            std::thread::spawn(move || {
+                loop {
+                    let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    let Some(p) = files.get(i) else { return };
+                    let rel = p.strip_prefix(&root).unwrap();
+                    assert_eq!(
+                        read(&mnt.join(rel)).unwrap(),
+                        read(p).unwrap(),
+                        "{}",
+                        rel.display()
+                    );
+                }
+            })
+        })
+        .collect();
+    for h in handles {
+        h.join().unwrap();
+    }
+    wait_quiet(d);
+    let fetched = d.metric("dedupd_chunks_fetched_total").unwrap();
+    let present = d.metric("dedupd_chunks_present").unwrap();
+    println!(
+        "whole tree ({} files) identical: {fetched} chunks fetched in {} requests, {present} present",
+        files.len(),
+        d.metric("dedupd_fetch_requests_total").unwrap()
+    );
+    assert_eq!(fetched, present, "some chunk was fetched twice");
+}
+
+/// Pack GETs in the registry's access log since entry `from`: (requests, body bytes).
+fn pack_gets(reg: &Registry, conv: &ConvertedImage, from: usize) -> (usize, u64) {
+    let packs: Vec<String> = conv
+        .layers
+        .iter()
+        .flat_map(|(_, i)| i.packs.iter().map(|p| p.digest.oci()))
+        .collect();
+    let log = reg.access_log().unwrap();
+    let gets: Vec<_> = log[from..]
+        .iter()
+        .filter(|e| e.method == "GET" && packs.iter().any(|p| e.path.ends_with(p)))
+        .collect();
+    (gets.len(), gets.iter().map(|e| e.bytes).sum())
+}
+
+/// A small single-chunk file under the python library whose chunk is followed by others
+/// in its pack.
+fn small_python_file(conv: &ConvertedImage) -> String {
+    files_with_chunks(conv)
+        .into_iter()
+        .find(|(p, (s, c))| {
+            p.starts_with("usr/lib/python3.11/json/") && *c == 1 && (4096..65536).contains(s)
+        })
+        .map(|(p, _)| p)
+        .expect("a small file under usr/lib/python3.11/json/")
+}
+
+#[test]
+fn readahead_joins_the_next_missing_chunks_of_the_pack_to_one_request() {
+    let fx = fixtures().unwrap();
+    let reg = Registry::start().unwrap();
+    let (image, conv) = converted(&fx, &reg, "py");
+    let readahead = 512 << 10;
+    let (d, _config) = daemon_with(
+        &format!("[fetch]\nreadahead = {readahead}\n[prefetch]\nlocality = \"off\"\n"),
+        &[],
+    );
+    let mnt = mount(&d, &image);
+    let reference = Reference::unpack(&fx, "py");
+    let path = small_python_file(&conv);
+    let log_before = reg.access_log().unwrap().len();
+    assert_eq!(
+        read(&mnt.join(&path)).unwrap(),
+        read(&reference.rootfs().join(&path)).unwrap()
+    );
+    let fetched = d.metric("dedupd_chunks_fetched_total").unwrap();
+    let ahead = d.metric("dedupd_readahead_chunks_total").unwrap();
+    let bytes = d.metric("dedupd_bytes_fetched_total").unwrap() as u64;
+    let (gets, get_bytes) = pack_gets(&reg, &conv, log_before);
+    println!(
+        "/{path}: 1 chunk asked, {fetched} fetched ({ahead} read ahead), {bytes} compressed bytes in {gets} request(s)"
+    );
+    assert_eq!(
+        gets, 1,
+        "one Range request for the demanded chunk and its read-ahead"
+    );
+    assert_eq!(d.metric("dedupd_fetch_requests_total").unwrap(), 1.0);
+    assert!(ahead >= 1.0, "nothing was read ahead");
+    assert_eq!(fetched, 1.0 + ahead);
+    assert_eq!(bytes, get_bytes);
+    assert!(bytes <= readahead, "{bytes} > read-ahead bound {readahead}");
+    read_tree_checked(&d, &mnt, &reference);
+    d.ctl_ok(&["umount", mnt.to_str().unwrap()]).unwrap();
+}
+
+#[test]
+fn locality_fetches_neighbours_within_its_bound_and_never_twice() {
+    let fx = fixtures().unwrap();
+    let reg = Registry::start().unwrap();
+    let (image, conv) = converted(&fx, &reg, "py");
+    let bound: u64 = 256 << 10;
+    let (d, _config) = daemon_with(
+        &format!(
+            "[fetch]\nreadahead = 0\n[prefetch]\nlocality = \"on\"\nlocality_bytes = {bound}\n"
+        ),
+        &[],
+    );
+    let mnt = mount(&d, &image);
+    let reference = Reference::unpack(&fx, "py");
+    let path = small_python_file(&conv);
+    let own = compressed_len(&conv, &path);
+    assert_eq!(
+        read(&mnt.join(&path)).unwrap(),
+        read(&reference.rootfs().join(&path)).unwrap()
+    );
+    wait_quiet(&d);
+    let fetched = d.metric("dedupd_chunks_fetched_total").unwrap();
+    let near = d.metric("dedupd_locality_chunks_total").unwrap();
+    let bytes = d.metric("dedupd_bytes_fetched_total").unwrap() as u64;
+    println!(
+        "/{path} ({own} compressed bytes): {near} neighbours queued, {fetched} chunks fetched, {bytes} compressed bytes (bound {bound})"
+    );
+    assert!(near >= 1.0, "locality queued nothing");
+    assert_eq!(
+        fetched,
+        1.0 + near,
+        "every queued neighbour is fetched once"
+    );
+    // The neighbours' frames within the bound; a request may also carry the demanded
+    // frame as a gap between two neighbours.
+    assert!(
+        bytes <= 2 * own + bound,
+        "{bytes} compressed bytes > 2 x {own} + bound {bound}"
+    );
+    // Its directory's other small files were among the neighbours: reading them now
+    // fetches less than one request each.
+    let dir = Path::new(&path)
+        .parent()
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .to_string();
+    let siblings: Vec<String> = files_with_chunks(&conv)
+        .into_iter()
+        .filter(|(p, (s, c))| {
+            Path::new(p).parent() == Some(Path::new(&dir)) && *c == 1 && *s < 16 << 10
+        })
+        .map(|(p, _)| p)
+        .collect();
+    let misses_before = d.metric("dedupd_misses_total").unwrap();
+    for p in &siblings {
+        assert_eq!(
+            read(&mnt.join(p)).unwrap(),
+            read(&reference.rootfs().join(p)).unwrap()
+        );
+    }
+    let misses = d.metric("dedupd_misses_total").unwrap() - misses_before;
+    println!(
+        "then {} small files of /{dir}: {misses} misses",
+        siblings.len()
+    );
+    assert!(
+        misses < siblings.len() as f64,
+        "locality fetched none of /{dir}'s small files"
+    );
+    read_tree_checked(&d, &mnt, &reference);
+    d.ctl_ok(&["umount", mnt.to_str().unwrap()]).unwrap();
+}
+
+/// Read-ahead requests carry several frames: a corrupted one is fetched again on its
+/// own while the others are stored, and no reader sees a wrong byte.
+#[test]
+fn faults_in_read_ahead_and_locality_requests_never_give_wrong_bytes() {
+    let fx = fixtures().unwrap();
+    let reg = Registry::start().unwrap();
+    let (_, conv) = converted(&fx, &reg, "py");
+    let proxy = FaultProxy::start(&reg.host()).unwrap();
+    let image = format!("{}/lazy/debian:py", proxy.host());
+    let (d, _config) = daemon_with("", &["--fetch-deadline", "10"]);
+    let mnt = mount(&d, &image);
+    let reference = Reference::unpack(&fx, "py");
+    for fault in [
+        Fault::Corrupt,
+        Fault::Truncate,
+        Fault::Status(503),
+        Fault::Reset,
+    ] {
+        proxy.add(Rule::new(Some("GET"), "/blobs/sha256:", fault, 3));
+    }
+    let files: Vec<String> = files_with_chunks(&conv)
+        .into_iter()
+        .filter(|(p, (_, c))| p.starts_with("usr/lib/python3.11/") && *c >= 1)
+        .map(|(p, _)| p)
+        .step_by(7)
+        .take(60)
+        .collect();
+    for p in &files {
+        assert_eq!(
+            read(&mnt.join(p)).unwrap(),
+            read(&reference.rootfs().join(p)).unwrap(),
+            "{p}"
+        );
+    }
+    wait_quiet(&d);
+    let fetched = d.metric("dedupd_chunks_fetched_total").unwrap();
+    println!(
+        "{} files read with {} faults injected: {fetched} chunks fetched ({} read ahead, {} by locality), {} failed attempts",
+        files.len(),
+        proxy.faults_applied(),
+        d.metric("dedupd_readahead_chunks_total").unwrap(),
+        d.metric("dedupd_locality_chunks_total").unwrap(),
+        d.metric("dedupd_fetch_errors_total").unwrap()
+    );
+    assert!(proxy.faults_applied() >= 10);
+    assert_eq!(fetched, d.metric("dedupd_chunks_present").unwrap());
     d.ctl_ok(&["umount", mnt.to_str().unwrap()]).unwrap();
 }

@@ -25,6 +25,7 @@ use dedup_proto::snapshots::{
     UsageRequest, ViewSnapshotRequest,
 };
 use dedup_shim::metadata::{MAX_KEY_BYTES, MAX_LABEL_BYTES};
+use dedup_tests::daemon::Dedupd;
 use dedup_tests::mounts::unmount_under;
 use dedup_tests::registry::require_root;
 use hyper_util::rt::TokioIo;
@@ -67,6 +68,8 @@ fn shim_binary() -> PathBuf {
 struct Shim {
     dir: tempfile::TempDir,
     child: Option<Child>,
+    /// dedupd holding the layers; None: plain directories (`--no-daemon`).
+    dedupd: Option<Dedupd>,
 }
 
 impl Shim {
@@ -77,7 +80,29 @@ impl Shim {
             .tempdir_in("/var/tmp")
             .unwrap();
         fs::create_dir(dir.path().join("work")).unwrap();
-        let mut s = Shim { dir, child: None };
+        let mut s = Shim {
+            dir,
+            child: None,
+            dedupd: None,
+        };
+        s.spawn();
+        s
+    }
+
+    /// A shim whose committed layers are EROFS layers held by a real dedupd
+    /// (directories imported into its store at commit).
+    fn start_dedup() -> Shim {
+        require_root("the snapshotter suite (overlay and bind mounts)");
+        let dir = tempfile::Builder::new()
+            .prefix("dedup-shim-")
+            .tempdir_in("/var/tmp")
+            .unwrap();
+        fs::create_dir(dir.path().join("work")).unwrap();
+        let mut s = Shim {
+            dir,
+            child: None,
+            dedupd: Some(Dedupd::start(&[]).expect("starting dedupd")),
+        };
         s.spawn();
         s
     }
@@ -118,6 +143,10 @@ impl Shim {
             .arg(self.root())
             .arg("--address")
             .arg(self.socket())
+            .args(match &self.dedupd {
+                Some(d) => vec!["--daemon-socket".into(), d.socket().as_os_str().to_owned()],
+                None => vec![std::ffi::OsString::from("--no-daemon")],
+            })
             .stdout(log.try_clone().unwrap())
             .stderr(log)
             .spawn()
@@ -1016,7 +1045,17 @@ async fn stat_in_walk() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn layer_file_update() {
-    let shim = Shim::start();
+    layer_file_update_on(Shim::start()).await;
+}
+
+/// The same through dedupd: every commit is imported into the node store and
+/// seen through its EROFS layer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn layer_file_update_dedupd() {
+    layer_file_update_on(Shim::start_dedup()).await;
+}
+
+async fn layer_file_update_on(shim: Shim) {
     let mut c = shim.client().await;
     let l1: &[Op] = &[
         Op::Dir("/etc", 0o700),
@@ -1034,7 +1073,17 @@ async fn layer_file_update() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn remove_directory_in_lower_layer() {
-    let shim = Shim::start();
+    remove_directory_in_lower_layer_on(Shim::start()).await;
+}
+
+/// The same through dedupd: every commit is imported into the node store and
+/// seen through its EROFS layer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn remove_directory_in_lower_layer_dedupd() {
+    remove_directory_in_lower_layer_on(Shim::start_dedup()).await;
+}
+
+async fn remove_directory_in_lower_layer_on(shim: Shim) {
     let mut c = shim.client().await;
     let l1: &[Op] = &[Op::Dir("/lib", 0o700), Op::File("/lib/hidden", b"", 0o644)];
     let l2: &[Op] = &[
@@ -1048,7 +1097,17 @@ async fn remove_directory_in_lower_layer() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chown() {
-    let shim = Shim::start();
+    chown_on(Shim::start()).await;
+}
+
+/// The same through dedupd: every commit is imported into the node store and
+/// seen through its EROFS layer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chown_dedupd() {
+    chown_on(Shim::start_dedup()).await;
+}
+
+async fn chown_on(shim: Shim) {
     let mut c = shim.client().await;
     let l1: &[Op] = &[
         Op::Dir("/opt", 0o700),
@@ -1067,7 +1126,17 @@ async fn chown() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn directory_permission_on_commit() {
-    let shim = Shim::start();
+    directory_permission_on_commit_on(Shim::start()).await;
+}
+
+/// The same through dedupd: every commit is imported into the node store and
+/// seen through its EROFS layer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn directory_permission_on_commit_dedupd() {
+    directory_permission_on_commit_on(Shim::start_dedup()).await;
+}
+
+async fn directory_permission_on_commit_on(shim: Shim) {
     let mut c = shim.client().await;
     let l1: &[Op] = &[
         Op::Dir("/dir1", 0o700),
@@ -1101,7 +1170,17 @@ async fn directory_permission_on_commit() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deleted_files_and_moves_in_child() {
-    let shim = Shim::start();
+    deleted_files_and_moves_in_child_on(Shim::start()).await;
+}
+
+/// The same through dedupd: every commit is imported into the node store and
+/// seen through its EROFS layer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deleted_files_and_moves_in_child_dedupd() {
+    deleted_files_and_moves_in_child_on(Shim::start_dedup()).await;
+}
+
+async fn deleted_files_and_moves_in_child_on(shim: Shim) {
     let mut c = shim.client().await;
     // checkDeletedFilesInChildSnapshot
     let l1: &[Op] = &[
@@ -1751,4 +1830,137 @@ async fn config_file() {
     let (status, out) = run_to_exit(cmd);
     assert!(!status.success());
     assert!(out.contains("root"), "{out}");
+}
+
+/// Prepare with dedup layer labels that do not hold together is refused with
+/// InvalidArgument and creates nothing; the same labels without a target are an
+/// ordinary Prepare.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_remote_layer_labels() {
+    let shim = Shim::start_dedup();
+    let mut c = shim.client().await;
+    let index = format!("sha256:{}", "a".repeat(64));
+    let good_diff = format!("sha256:{}", "b".repeat(64));
+    let cases: Vec<HashMap<String, String>> = vec![
+        // diff-id missing
+        labels(&[
+            ("containerd.io/snapshot.ref", "target-1"),
+            ("containerd.io/snapshot/dedup.layer-index", &index),
+            (
+                "containerd.io/snapshot/dedup.source-repository",
+                "127.0.0.1:1/x",
+            ),
+        ]),
+        // not a digest
+        labels(&[
+            ("containerd.io/snapshot.ref", "target-2"),
+            ("containerd.io/snapshot/dedup.layer-index", "sha256:nothex"),
+            ("containerd.io/snapshot/dedup.diff-id", &good_diff),
+            (
+                "containerd.io/snapshot/dedup.source-repository",
+                "127.0.0.1:1/x",
+            ),
+        ]),
+        // no host/path
+        labels(&[
+            ("containerd.io/snapshot.ref", "target-3"),
+            ("containerd.io/snapshot/dedup.layer-index", &index),
+            ("containerd.io/snapshot/dedup.diff-id", &good_diff),
+            ("containerd.io/snapshot/dedup.source-repository", "nohost"),
+        ]),
+    ];
+    for (i, l) in cases.into_iter().enumerate() {
+        let e = c.prepare_l(&format!("k{i}"), "", l).await.unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument, "case {i}: {e:?}");
+    }
+    assert!(
+        c.list(&[]).await.unwrap().is_empty(),
+        "a refused Prepare left a snapshot"
+    );
+    // A registry that does not answer: the hold fails, and the Prepare falls back to
+    // an ordinary active snapshot (containerd then applies the stub, and Commit tries
+    // the layer again); the target is not created.
+    let l = labels(&[
+        ("containerd.io/snapshot.ref", "target-4"),
+        ("containerd.io/snapshot/dedup.layer-index", &index),
+        ("containerd.io/snapshot/dedup.diff-id", &good_diff),
+        (
+            "containerd.io/snapshot/dedup.source-repository",
+            "127.0.0.1:1/x",
+        ),
+    ]);
+    c.prepare_l("k4", "", l).await.unwrap();
+    let all = c.list(&[]).await.unwrap();
+    assert_eq!(all.len(), 1, "{all:?}");
+    assert_eq!((all[0].name.as_str(), kind(&all[0])), ("k4", Kind::Active));
+}
+
+/// A hold dedupd keeps for a snapshot that does not exist (a crash between the hold
+/// and its row) is released by Cleanup; holds of live snapshots and of other owners
+/// stay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cleanup_releases_orphaned_holds() {
+    let shim = Shim::start_dedup();
+    let dedupd = shim.dedupd.as_ref().unwrap();
+    let mut c = shim.client().await;
+    let work = shim.work();
+    // A live layer: imported at commit.
+    let preparing = work.join("p");
+    let m = c.prepare(&s(&preparing), "").await.unwrap();
+    {
+        let _m = mount_all(&m, &preparing);
+        apply(&preparing, &[Op::File("/live", b"live", 0o644)]);
+    }
+    c.commit("live", &s(&preparing)).await.unwrap();
+    // Two holds nobody's snapshot accounts for: one in this snapshotter's owner
+    // namespace (a crash left it), one another client's.
+    let dir = dedupd.scratch("ghost");
+    fs::write(dir.join("ghost"), b"ghost").unwrap();
+    let ghost_owner = format!("dedup-snapshotter:{}:ghost-snapshot", shim.root().display());
+    let ghost_chain = format!("sha256:{}", "e".repeat(64));
+    let other_chain = format!("sha256:{}", "f".repeat(64));
+    for (owner, chain) in [
+        (ghost_owner.as_str(), &ghost_chain),
+        ("someone-else", &other_chain),
+    ] {
+        dedupd
+            .ctl_ok(&[
+                "layer",
+                "import",
+                "--owner",
+                owner,
+                dir.to_str().unwrap(),
+                chain,
+            ])
+            .unwrap();
+    }
+    let held = |prefix: &str| {
+        dedupd
+            .ctl_ok(&["layer", "list", "--owner-prefix", prefix])
+            .unwrap()
+    };
+    assert_eq!(held("").lines().count(), 3, "{}", held(""));
+
+    c.cleanup().await.unwrap();
+    let after = held("");
+    assert_eq!(after.lines().count(), 2, "{after}");
+    assert!(
+        !after.contains(&ghost_chain),
+        "the orphaned hold survived Cleanup: {after}"
+    );
+    assert!(
+        after.contains(&other_chain),
+        "Cleanup released another owner's hold: {after}"
+    );
+    // The live layer still reads.
+    let check = work.join("check");
+    let m = c.view(&s(&check), "live").await.unwrap();
+    {
+        let _m = mount_all(&m, &check);
+        assert_eq!(fs::read(check.join("live")).unwrap(), b"live");
+    }
+    c.remove(&s(&check)).await.unwrap();
+    dedupd
+        .ctl_ok(&["layer", "release", "--owner", "someone-else", &other_chain])
+        .unwrap();
 }

@@ -106,8 +106,17 @@ fn all_chunks(image: &ConvertedImage) -> BTreeSet<Sha256> {
         .collect()
 }
 
-/// A config with a short idle window, so recordings end quickly.
-fn start(dir: &Path, extra: &str) -> Dedupd {
+/// A config with a short idle window, so recordings end quickly, and no read-ahead or
+/// locality, so a trace lists exactly the chunks the workload read; `prefetch` adds keys
+/// to the [prefetch] table.
+fn start(dir: &Path, prefetch: &str) -> Dedupd {
+    start_with(
+        dir,
+        &format!("[fetch]\nreadahead = 0\n[prefetch]\nlocality = \"off\"\n{prefetch}"),
+    )
+}
+
+fn start_with(dir: &Path, extra: &str) -> Dedupd {
     let cfg = dir.join(format!("dedupd-{}.toml", rand_suffix()));
     std::fs::write(
         &cfg,
@@ -277,7 +286,7 @@ fn recorded_trace_replays_on_a_fresh_node_and_onto_a_rebuilt_image() {
     drop(d2);
 
     // On a fresh node, with part of the workload already read on py-rebuilt.
-    let d3 = start(work.path(), "[prefetch]\nauto_replay = false\n");
+    let d3 = start(work.path(), "auto_replay = false\n");
     let rchunks = file_chunks(&conv_rebuilt);
     let mnt = mount(&d3, &rebuilt, "mnt");
     let first: Vec<String> = files
@@ -476,4 +485,61 @@ fn traces_merge_and_malformed_traces_change_nothing() {
     let st = d.ctl_ok(&["status"]).unwrap();
     assert!(!st.contains("nope"), "{st}");
     let _ = d.ctl_ok(&["umount", d.scratch("m2").to_str().unwrap()]);
+}
+
+/// With read-ahead and locality on (the defaults), a miss brings chunks the kernel never
+/// asks for later (they are present when read): the trace lists them too, so a replay on a
+/// fresh node still leaves the workload nothing to fetch.
+#[test]
+fn a_trace_recorded_with_readahead_and_locality_covers_the_workload() {
+    let fx = fixtures().unwrap();
+    let reg = Registry::start().unwrap();
+    let (image, conv) = converted(&fx, &reg, "py");
+    let reference = Reference::unpack(&fx, "py");
+    let work = tempfile::tempdir_in("/var/tmp").unwrap();
+    let chunks = file_chunks(&conv);
+    let files = py_files(&chunks, 0);
+    let want: BTreeSet<Sha256> = files.iter().flat_map(|p| chunks[p].clone()).collect();
+
+    let d1 = start_with(work.path(), "");
+    let mnt = mount(&d1, &image, "mnt");
+    workload(&mnt, &files, &reference);
+    let misses = d1.metric("dedupd_misses_total").unwrap();
+    wait_for_recordings(&d1, 1.0);
+    let file = work.path().join("py.trace");
+    d1.ctl_ok(&["trace", "export", &image, file.to_str().unwrap()])
+        .unwrap();
+    let trace = Trace::parse(&std::fs::read(&file).unwrap()).unwrap();
+    let got: BTreeSet<Sha256> = trace.digests().collect();
+    println!(
+        "{} files ({} chunks) with read-ahead and locality: {misses} misses, {} chunks fetched, trace of {} chunks",
+        files.len(),
+        want.len(),
+        fetched(&d1),
+        got.len()
+    );
+    assert!(
+        misses < want.len() as f64,
+        "read-ahead and locality saved no miss"
+    );
+    assert!(
+        got.is_superset(&want),
+        "the trace misses chunks the workload read"
+    );
+    assert_eq!(trace.entries.len(), got.len(), "no chunk listed twice");
+    d1.ctl_ok(&["umount", mnt.to_str().unwrap()]).unwrap();
+    drop(d1);
+
+    let d2 = start_with(work.path(), "");
+    d2.ctl_ok(&[
+        "trace-replay",
+        "--plain-http",
+        "--quiet",
+        file.to_str().unwrap(),
+    ])
+    .unwrap();
+    let mnt = mount(&d2, &image, "mnt");
+    workload(&mnt, &files, &reference);
+    assert_eq!(d2.metric("dedupd_misses_total").unwrap(), 0.0);
+    d2.ctl_ok(&["umount", mnt.to_str().unwrap()]).unwrap();
 }

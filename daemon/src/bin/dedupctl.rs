@@ -75,6 +75,59 @@ enum Command {
     /// or an image reference (dedupd replays the trace it recorded for it). The image
     /// is registered first.
     TraceReplay(TraceReplayArgs),
+    /// Layer holds through dedupd (what the snapshotter asks for): acquire a layer of a
+    /// converted image, import an unpacked layer directory, release a hold.
+    #[command(subcommand)]
+    Layer(LayerCommand),
+}
+
+#[derive(Subcommand)]
+enum LayerCommand {
+    /// Hold one layer of a converted image as a lazy EROFS mount and print it.
+    Acquire {
+        /// Talk to the registry over plain HTTP (never the default).
+        #[arg(long)]
+        plain_http: bool,
+        /// Who holds the layer.
+        #[arg(long, default_value = "dedupctl")]
+        owner: String,
+        /// Chain ID of the layer below (sha256:...); none for a bottom layer.
+        #[arg(long, default_value = "")]
+        parent: String,
+        /// Chain ID of this layer; computed from --parent and DIFF_ID when omitted.
+        #[arg(long)]
+        chain: Option<String>,
+        /// host/path of the repository holding the layer index and its packs.
+        repository: String,
+        /// Digest of the layer index blob.
+        index_digest: String,
+        /// diff_id of the original layer.
+        diff_id: String,
+    },
+    /// Turn an unpacked layer directory into store chunks and an EROFS layer mount.
+    Import {
+        #[arg(long, default_value = "dedupctl")]
+        owner: String,
+        /// Chain ID of the layer below (sha256:...); none for a bottom layer.
+        #[arg(long, default_value = "")]
+        parent: String,
+        /// The unpacked layer (absolute path).
+        directory: PathBuf,
+        /// Chain ID the layer gets (sha256:...).
+        chain: String,
+    },
+    /// The held layers and their owners (one line per layer).
+    List {
+        /// Only owners starting with this.
+        #[arg(long, default_value = "")]
+        owner_prefix: String,
+    },
+    /// Drop a hold; the layer mount goes with the last one.
+    Release {
+        #[arg(long, default_value = "dedupctl")]
+        owner: String,
+        chain: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -425,6 +478,7 @@ async fn run(cli: Cli) -> Result<()> {
         }
         Command::Trace(t) => trace_command(&socket, t).await?,
         Command::TraceReplay(a) => trace_replay(&socket, &a).await?,
+        Command::Layer(l) => layer_command(&socket, l).await?,
         Command::Check(a) => {
             let ropts = a.registry.options()?;
             let src = Arc::new(Endpoint::parse(&a.image, &ropts).with_context(|| a.image.clone())?);
@@ -437,6 +491,99 @@ async fn run(cli: Cli) -> Result<()> {
                 s.chunks,
                 convert::image::human(s.chunk_bytes),
                 s.requests
+            );
+        }
+    }
+    Ok(())
+}
+
+async fn layer_command(socket: &std::path::Path, cmd: LayerCommand) -> Result<()> {
+    let mut c = client::connect(socket).await?;
+    match cmd {
+        LayerCommand::Acquire {
+            plain_http,
+            owner,
+            parent,
+            chain,
+            repository,
+            index_digest,
+            diff_id,
+        } => {
+            let chain_id = match chain {
+                Some(c) => c,
+                None => {
+                    let d = dedup_image::index::Sha256::parse(&diff_id)
+                        .filter(|_| diff_id.starts_with("sha256:"))
+                        .with_context(|| format!("diff_id {diff_id:?} is not sha256:<hex>"))?;
+                    let p = parent.strip_prefix("sha256:").filter(|p| !p.is_empty());
+                    format!("sha256:{}", local_mount::holds::chain_id(p, &d))
+                }
+            };
+            let m = client::acquire_layer(
+                &mut c,
+                client::proto::AcquireLayerRequest {
+                    repository,
+                    index_digest: index_digest.clone(),
+                    diff_id,
+                    chain_id,
+                    parent_chain_id: parent,
+                    plain_http,
+                    owner,
+                    reference: String::new(),
+                },
+            )
+            .await
+            .map_err(|e| client::rpc_error(&format!("acquiring layer {index_digest}"), e))?;
+            print!("{}", client::format_layer_mount(&m));
+        }
+        LayerCommand::Import {
+            owner,
+            parent,
+            directory,
+            chain,
+        } => {
+            let dir = std::fs::canonicalize(&directory)
+                .with_context(|| format!("layer directory {}", directory.display()))?;
+            let m = client::import_layer(
+                &mut c,
+                client::proto::ImportLayerRequest {
+                    directory: dir.display().to_string(),
+                    chain_id: chain,
+                    parent_chain_id: parent,
+                    owner,
+                },
+            )
+            .await
+            .map_err(|e| client::rpc_error(&format!("importing {}", dir.display()), e))?;
+            print!("{}", client::format_layer_mount(&m));
+        }
+        LayerCommand::List { owner_prefix } => {
+            let r = c
+                .list_layers(client::proto::ListLayersRequest { owner_prefix })
+                .await
+                .map_err(|e| client::rpc_error("listing held layers", e))?
+                .into_inner();
+            for l in r.layers {
+                println!(
+                    "{} {} {} {}",
+                    l.chain_id,
+                    if l.imported { "imported" } else { "remote" },
+                    l.mountpoint,
+                    l.owners.join(",")
+                );
+            }
+        }
+        LayerCommand::Release { owner, chain } => {
+            let unmounted = client::release_layer(&mut c, &chain, &owner)
+                .await
+                .map_err(|e| client::rpc_error(&format!("releasing layer {chain}"), e))?;
+            println!(
+                "released {chain} for {owner}{}",
+                if unmounted {
+                    "; its mount is gone"
+                } else {
+                    "; still held or in use"
+                }
             );
         }
     }

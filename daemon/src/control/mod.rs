@@ -16,13 +16,14 @@ use std::future::Future;
 use std::path::Path;
 use std::sync::Arc;
 
+use dedup_image::index::Sha256;
 pub use dedup_proto::daemon as proto;
 pub use errors::{ErrorKind, OpError, redact, to_status};
 pub use metrics_http::{bind_metrics, serve_metrics};
 pub use socket::{ControlSocket, bind};
 /// The attribute [`DaemonOps`] implementations need (`#[async_trait]`), re-exported.
 pub use tonic::async_trait;
-pub use validate::{MAX_PATH_BYTES, MAX_PLATFORM_BYTES, MAX_REFERENCE_BYTES};
+pub use validate::{MAX_OWNER_BYTES, MAX_PATH_BYTES, MAX_PLATFORM_BYTES, MAX_REFERENCE_BYTES};
 
 /// What the control API asks of the daemon core.
 ///
@@ -67,6 +68,59 @@ pub trait DaemonOps: Send + Sync + 'static {
     /// progress flows through the receiver, and an `Err` item ends it if the replay
     /// failed. The replay goes on if the receiver is dropped.
     async fn replay_trace(&self, reference: &str, data: Vec<u8>) -> anyhow::Result<ReplayStream>;
+    /// Hold one layer of a converted image as a lazy EROFS mount for `req.owner`
+    /// (idempotent per chain and owner). The request's fields are well formed and
+    /// its chain id is the ChainID of its parent and diff_id; the index's own diff_id
+    /// is the core's to check (`OpError::invalid_argument` naming `diff_id`). A parent
+    /// not held: `OpError::failed_precondition`. A daemon that holds no layers keeps
+    /// this default (Unimplemented).
+    async fn acquire_layer(&self, req: AcquireLayer) -> anyhow::Result<proto::LayerMount> {
+        let _ = req;
+        Err(OpError::new(ErrorKind::Unimplemented, "this daemon does not hold layers").into())
+    }
+    /// Turn the unpacked layer in `req.directory` into chunks in the node store and an
+    /// EROFS layer mount held by `req.owner`.
+    async fn import_layer(&self, req: ImportLayer) -> anyhow::Result<proto::LayerMount> {
+        let _ = req;
+        Err(OpError::new(ErrorKind::Unimplemented, "this daemon does not hold layers").into())
+    }
+    /// Drop `owner`'s hold on the layer `chain`; unknown chain or owner:
+    /// `OpError::not_found`. True when the layer mount was unmounted.
+    async fn release_layer(&self, chain: Sha256, owner: &str) -> anyhow::Result<bool> {
+        let _ = (chain, owner);
+        Err(OpError::new(ErrorKind::Unimplemented, "this daemon does not hold layers").into())
+    }
+    /// The held layers an owner starting with `owner_prefix` holds (all if empty),
+    /// listing only those owners.
+    async fn list_layers(&self, owner_prefix: &str) -> anyhow::Result<Vec<proto::HeldLayer>> {
+        let _ = owner_prefix;
+        Err(OpError::new(ErrorKind::Unimplemented, "this daemon does not hold layers").into())
+    }
+}
+
+/// A validated AcquireLayer request.
+#[derive(Clone, Debug)]
+pub struct AcquireLayer {
+    /// `host/path`.
+    pub repository: String,
+    pub index_digest: Sha256,
+    pub diff_id: Sha256,
+    pub chain: Sha256,
+    pub parent: Option<Sha256>,
+    pub plain_http: bool,
+    pub owner: String,
+    /// Possibly empty.
+    pub reference: String,
+}
+
+/// A validated ImportLayer request.
+#[derive(Clone, Debug)]
+pub struct ImportLayer {
+    /// Absolute, without `..`.
+    pub directory: std::path::PathBuf,
+    pub chain: Sha256,
+    pub parent: Option<Sha256>,
+    pub owner: String,
 }
 
 /// Progress of a trace replay (see [`DaemonOps::replay_trace`]).

@@ -9,11 +9,12 @@ use tracing::{debug, info, warn};
 
 use super::proto::daemon_server::Daemon;
 use super::proto::{
-    ExportTraceRequest, ImageInfo, MetricsRequest, MetricsResponse, MountRequest, MountResponse,
-    RegisterImageRequest, ReplayProgress, ReplayTraceRequest, StatusRequest, StatusResponse, Trace,
-    UnmountRequest, UnmountResponse,
+    AcquireLayerRequest, ExportTraceRequest, ImageInfo, ImportLayerRequest, LayerMount,
+    ListLayersRequest, ListLayersResponse, MetricsRequest, MetricsResponse, MountRequest,
+    MountResponse, RegisterImageRequest, ReleaseLayerRequest, ReleaseLayerResponse, ReplayProgress,
+    ReplayTraceRequest, StatusRequest, StatusResponse, Trace, UnmountRequest, UnmountResponse,
 };
-use super::{DaemonOps, to_status, validate};
+use super::{AcquireLayer, DaemonOps, ImportLayer, to_status, validate};
 
 /// Largest trace accepted by ReplayTrace (the gRPC message limit bounds it too).
 pub(crate) const MAX_TRACE_BYTES: usize = 64 << 20;
@@ -170,5 +171,97 @@ impl Daemon for ControlService {
             Some((item.map_err(|e| fail(M, &e)), rx))
         });
         Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn acquire_layer(
+        &self,
+        req: Request<AcquireLayerRequest>,
+    ) -> Result<Response<LayerMount>, Status> {
+        const M: &str = "AcquireLayer";
+        let r = req.into_inner();
+        let a = (|| -> Result<AcquireLayer, Status> {
+            validate::repository("repository", &r.repository)?;
+            let index_digest = validate::digest("index_digest", &r.index_digest)?;
+            let diff_id = validate::digest("diff_id", &r.diff_id)?;
+            let chain = validate::digest("chain_id", &r.chain_id)?;
+            let parent = validate::optional_digest("parent_chain_id", &r.parent_chain_id)?;
+            validate::owner("owner", &r.owner)?;
+            if !r.reference.is_empty() {
+                validate::reference("reference", &r.reference)?;
+            }
+            validate::chain_id("chain_id", &chain, parent.as_ref(), &diff_id)?;
+            Ok(AcquireLayer {
+                repository: r.repository,
+                index_digest,
+                diff_id,
+                chain,
+                parent,
+                plain_http: r.plain_http,
+                owner: r.owner,
+                reference: r.reference,
+            })
+        })()
+        .map_err(|e| rejected(M, e))?;
+        info!(chain = %a.chain, index = %a.index_digest, owner = %a.owner, repository = %a.repository, "AcquireLayer");
+        let ops = self.ops.clone();
+        let m = detached(M, async move { ops.acquire_layer(a).await }).await?;
+        Ok(Response::new(m))
+    }
+
+    async fn import_layer(
+        &self,
+        req: Request<ImportLayerRequest>,
+    ) -> Result<Response<LayerMount>, Status> {
+        const M: &str = "ImportLayer";
+        let r = req.into_inner();
+        let a = (|| -> Result<ImportLayer, Status> {
+            let directory = validate::target("directory", &r.directory)?;
+            let chain = validate::digest("chain_id", &r.chain_id)?;
+            let parent = validate::optional_digest("parent_chain_id", &r.parent_chain_id)?;
+            validate::owner("owner", &r.owner)?;
+            if parent == Some(chain) {
+                return Err(Status::invalid_argument(
+                    "parent_chain_id: a layer cannot be its own parent",
+                ));
+            }
+            Ok(ImportLayer {
+                directory,
+                chain,
+                parent,
+                owner: r.owner,
+            })
+        })()
+        .map_err(|e| rejected(M, e))?;
+        info!(chain = %a.chain, owner = %a.owner, directory = %a.directory.display(), "ImportLayer");
+        let ops = self.ops.clone();
+        let m = detached(M, async move { ops.import_layer(a).await }).await?;
+        Ok(Response::new(m))
+    }
+
+    async fn release_layer(
+        &self,
+        req: Request<ReleaseLayerRequest>,
+    ) -> Result<Response<ReleaseLayerResponse>, Status> {
+        const M: &str = "ReleaseLayer";
+        let r = req.into_inner();
+        let chain = validate::digest("chain_id", &r.chain_id).map_err(|e| rejected(M, e))?;
+        validate::owner("owner", &r.owner).map_err(|e| rejected(M, e))?;
+        info!(chain = %chain, owner = %r.owner, "ReleaseLayer");
+        let ops = self.ops.clone();
+        let unmounted =
+            detached(M, async move { ops.release_layer(chain, &r.owner).await }).await?;
+        Ok(Response::new(ReleaseLayerResponse { unmounted }))
+    }
+
+    async fn list_layers(
+        &self,
+        req: Request<ListLayersRequest>,
+    ) -> Result<Response<ListLayersResponse>, Status> {
+        const M: &str = "ListLayers";
+        let prefix = req.into_inner().owner_prefix;
+        debug!(prefix, "ListLayers");
+        let ops = self.ops.clone();
+        let layers = detached(M, async move { ops.list_layers(&prefix).await }).await?;
+        Ok(Response::new(ListLayersResponse { layers }))
     }
 }

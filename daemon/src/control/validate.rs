@@ -3,6 +3,8 @@
 
 use std::path::{Component, Path, PathBuf};
 
+use dedup_image::index::Sha256;
+use dedup_image::oci::Reference;
 use tonic::Status;
 
 /// Longest image reference accepted (bytes).
@@ -133,6 +135,103 @@ pub fn platform(field: &str, value: &str, host_os: &str, host_arch: &str) -> Res
     Ok(())
 }
 
+/// Longest owner name accepted (bytes).
+pub const MAX_OWNER_BYTES: usize = 1024;
+
+/// A digest as OCI spells it: `sha256:<64 lowercase hex>`.
+pub fn digest(field: &str, value: &str) -> Result<Sha256, Status> {
+    if value.is_empty() {
+        return Err(invalid(field, "must not be empty"));
+    }
+    match value.strip_prefix("sha256:").and_then(Sha256::parse) {
+        Some(d) => Ok(d),
+        None => Err(invalid(
+            field,
+            format_args!("must be sha256:<64 lowercase hex>, got {}", echo(value)),
+        )),
+    }
+}
+
+/// An optional digest: empty means none.
+pub fn optional_digest(field: &str, value: &str) -> Result<Option<Sha256>, Status> {
+    if value.is_empty() {
+        return Ok(None);
+    }
+    digest(field, value).map(Some)
+}
+
+/// A repository `host/path`, without tag or digest, spelled in full (no Docker Hub
+/// shorthand, which would silently name another host).
+pub fn repository(field: &str, value: &str) -> Result<(), Status> {
+    reference(field, value)?;
+    let parsed: Reference = value
+        .parse()
+        .map_err(|e: dedup_image::oci::ReferenceError| invalid(field, e.reason))?;
+    if parsed.tag.is_some() || parsed.digest.is_some() {
+        return Err(invalid(
+            field,
+            format_args!(
+                "must be host/path without a tag or digest, got {}",
+                echo(value)
+            ),
+        ));
+    }
+    if parsed.name() != value {
+        return Err(invalid(
+            field,
+            format_args!(
+                "must name its host in full (host/path), got {} (would mean {})",
+                echo(value),
+                echo(&parsed.name())
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Who holds a layer: non-empty, bounded, no control characters.
+pub fn owner(field: &str, value: &str) -> Result<(), Status> {
+    if value.is_empty() {
+        return Err(invalid(field, "must not be empty"));
+    }
+    if value.len() > MAX_OWNER_BYTES {
+        return Err(invalid(
+            field,
+            format_args!(
+                "{} bytes is longer than the limit of {MAX_OWNER_BYTES}",
+                value.len()
+            ),
+        ));
+    }
+    if value.chars().any(char::is_control) {
+        return Err(invalid(
+            field,
+            format_args!("must not contain control characters: {}", echo(value)),
+        ));
+    }
+    Ok(())
+}
+
+/// `chain` must be the OCI ChainID of `diff_id` over `parent`.
+pub fn chain_id(
+    field: &str,
+    chain: &Sha256,
+    parent: Option<&Sha256>,
+    diff_id: &Sha256,
+) -> Result<(), Status> {
+    let want = crate::local_mount::holds::chain_id(parent.map(|p| p.hex()).as_deref(), diff_id);
+    if chain.hex() != want {
+        return Err(invalid(
+            field,
+            format_args!(
+                "{} is not the ChainID of parent_chain_id and diff_id (sha256:{want})",
+                chain.oci()
+            ),
+        ));
+    }
+    Ok(())
+}
+
 /// A byte field: at most `max` bytes.
 pub fn bytes(field: &str, value: &[u8], max: usize) -> Result<(), Status> {
     if value.is_empty() {
@@ -185,6 +284,38 @@ mod tests {
         }
         // `..` inside a name is not a parent component.
         assert!(target("target", "/mnt/a..b").is_ok());
+    }
+
+    #[test]
+    fn layer_fields() {
+        let hex = "ab".repeat(32);
+        assert!(digest("d", &format!("sha256:{hex}")).is_ok());
+        for bad in ["", "sha256:", &hex, &format!("sha256:{}", "AB".repeat(32))] {
+            let e = digest("index_digest", bad).unwrap_err();
+            assert_eq!(e.code(), Code::InvalidArgument, "{bad:?}");
+            assert!(e.message().starts_with("index_digest:"), "{}", e.message());
+        }
+        assert_eq!(optional_digest("p", "").unwrap(), None);
+        assert!(repository("repository", "127.0.0.1:5000/a/b").is_ok());
+        for bad in [
+            "",
+            "127.0.0.1:5000/a:tag",
+            "ubuntu",
+            "library/ubuntu",
+            "a b/c",
+        ] {
+            let e = repository("repository", bad).unwrap_err();
+            assert_eq!(e.code(), Code::InvalidArgument, "{bad:?}");
+        }
+        assert!(owner("owner", "snapshotter/12").is_ok());
+        assert!(owner("owner", "").is_err());
+        assert!(owner("owner", "a\nb").is_err());
+        let d = Sha256([1; 32]);
+        let p = Sha256([2; 32]);
+        assert!(chain_id("chain_id", &d, None, &d).is_ok());
+        assert!(chain_id("chain_id", &d, Some(&p), &d).is_err());
+        let c = Sha256::parse(&crate::local_mount::holds::chain_id(Some(&p.hex()), &d)).unwrap();
+        assert!(chain_id("chain_id", &c, Some(&p), &d).is_ok());
     }
 
     #[test]

@@ -1,10 +1,21 @@
 //! "Make this range of the store present": the one question both kernel frontends ask.
 //!
 //! A range maps to slots; a slot holds one chunk of some registered layer. Missing
-//! chunks are fetched once however many readers wait (single flight per slot), chunks
-//! of one pack that lie next to each other go in one Range request, every chunk is
-//! decompressed within its declared size and checked against its SHA-256, written into
-//! its slot, and only then marked present and its waiters released.
+//! chunks are fetched once however many readers wait (single flight per slot), every
+//! chunk is decompressed within its declared size and checked against its SHA-256,
+//! written into its slot, and only then marked present and its waiters released.
+//!
+//! Round trips decide a lazy start, so a miss asks for more than the demanded chunk:
+//! its request is extended over the missing chunks that follow it in its pack
+//! (read-ahead, up to `readahead` compressed bytes, completed with it), and, where
+//! locality is on, the chunks likely next (see `locality`) are fetched beside it at
+//! prefetch priority. Every chunk is claimed (given a flight) before its request starts,
+//! so nothing is fetched twice; a reader that needs a chunk still queued at prefetch
+//! priority promotes that request to on-demand.
+//!
+//! Decompression, hashing and store writes run on blocking threads: on the async
+//! workers they would stall every other fetch's I/O (the runtime has one worker per
+//! core) and a store write waiting for the index lock would stop the whole daemon.
 
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
@@ -12,13 +23,17 @@ use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::{Duration, Instant};
 
 use dedup_image::endpoint::Endpoint;
-use dedup_image::fetch::{fetch_run, plan_runs};
+use dedup_image::fetch::{Run, decode_in_run, fetch_run_bytes, narrow_run, plan_runs};
 use dedup_image::index::{LayerIndex, Sha256};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{Notify, mpsc, watch};
 
 use super::bitmap::SharedBitmap;
 use super::gate::{Gate, Priority};
+use super::locality::LayerMap;
 use super::metrics::Metrics;
+
+/// A sequential read's locality window grows up to this many times `locality.max_bytes`.
+const STREAM_GROWTH: u64 = 8;
 
 /// Bytes between the starts of two slots of the store.
 pub const SLOT_STRIDE: u64 = 4 << 20;
@@ -40,20 +55,31 @@ pub struct LayerSource {
     pub name: String,
 }
 
+/// A registered layer with the map of where its chunks lie.
+struct Layer {
+    source: Arc<LayerSource>,
+    map: LayerMap,
+}
+
 #[derive(Clone)]
 struct SlotEntry {
-    layer: Arc<LayerSource>,
+    layer: Arc<Layer>,
     chunk: u32,
 }
 
-/// The chunks one fill fetches from one layer: (chunk id, slot) and their flights.
-type LayerFetch = (
-    Arc<LayerSource>,
-    Vec<(u32, u64)>,
-    Vec<watch::Sender<Flight>>,
-);
-/// Chunk id → (slot, flight) of the runs of one layer still to be answered.
-type RunSlots = Arc<Mutex<HashMap<u32, (u64, watch::Sender<Flight>)>>>;
+/// A slot being fetched: its outcome, and how to promote its request when it is still
+/// queued at a lower priority than a reader that waits for it.
+struct FlightRef {
+    rx: watch::Receiver<Flight>,
+    promote: Option<Arc<Notify>>,
+}
+
+/// Chunk id → (slot, flight) of one request still to be answered.
+type RunSlots = HashMap<u32, (u64, watch::Sender<Flight>)>;
+
+/// One request to make: its layer, its frames, their flights, its priority and how to
+/// promote it while it waits for a fetch slot.
+type RunJob = (Arc<Layer>, Run, RunSlots, Priority, Option<Arc<Notify>>);
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 enum Flight {
@@ -72,6 +98,16 @@ pub enum FillError {
     Timeout(Duration),
 }
 
+/// What a miss pulls in beside the chunks it needs, where no trace exists.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LocalityOptions {
+    pub enabled: bool,
+    /// Compressed bytes one miss may queue at prefetch priority.
+    pub max_bytes: u64,
+    /// Files up to this size count as "small files of the same directory".
+    pub small_file: u64,
+}
+
 #[derive(Clone, Debug)]
 pub struct CoreOptions {
     /// Concurrent Range requests.
@@ -84,6 +120,10 @@ pub struct CoreOptions {
     pub max_gap: u64,
     /// Largest single Range request.
     pub max_run: u64,
+    /// An on-demand request extends over the missing chunks after the demanded one in
+    /// its pack, up to this many compressed bytes in all (0: the demanded chunks only).
+    pub readahead: u64,
+    pub locality: LocalityOptions,
 }
 
 impl Default for CoreOptions {
@@ -94,6 +134,45 @@ impl Default for CoreOptions {
             deadline: Duration::from_secs(30),
             max_gap: 64 << 10,
             max_run: 16 << 20,
+            readahead: crate::config::DEFAULT_READAHEAD,
+            locality: LocalityOptions {
+                enabled: true,
+                max_bytes: crate::config::DEFAULT_LOCALITY_BYTES,
+                small_file: crate::config::DEFAULT_LOCALITY_SMALL_FILE,
+            },
+        }
+    }
+}
+
+impl CoreOptions {
+    /// The core's part of dedupd's configuration ([fetch] and [prefetch]).
+    pub fn from_config(cfg: &crate::config::Config) -> CoreOptions {
+        CoreOptions {
+            fetch_slots: cfg.fetch.concurrency,
+            attempts: cfg.fetch.attempts,
+            deadline: cfg.deadline(),
+            readahead: cfg.fetch.readahead,
+            locality: LocalityOptions {
+                enabled: cfg.prefetch.locality,
+                max_bytes: cfg.prefetch.locality_bytes,
+                small_file: cfg.prefetch.locality_small_file,
+            },
+            ..CoreOptions::default()
+        }
+    }
+}
+
+/// Chunks one fill claimed in one layer, and their flights.
+struct Claimed {
+    layer: Arc<Layer>,
+    slots: RunSlots,
+}
+
+impl Claimed {
+    fn new(layer: &Arc<Layer>) -> Claimed {
+        Claimed {
+            layer: layer.clone(),
+            slots: HashMap::new(),
         }
     }
 }
@@ -102,7 +181,7 @@ pub struct Core {
     bitmap: Arc<SharedBitmap>,
     writer: Arc<dyn SlotWriter>,
     slots: RwLock<HashMap<u64, SlotEntry>>,
-    flights: Mutex<HashMap<u64, watch::Receiver<Flight>>>,
+    flights: Mutex<HashMap<u64, FlightRef>>,
     gate: Arc<Gate>,
     pub metrics: Metrics,
     persist: mpsc::UnboundedSender<Sha256>,
@@ -151,6 +230,8 @@ impl Core {
     /// Registers a layer whose chunk `i` lives in store slot `slots[i]`.
     pub fn add_layer(&self, layer: Arc<LayerSource>, slots: &[u64]) {
         assert_eq!(slots.len(), layer.index.chunks.len());
+        let map = LayerMap::new(&layer.index, slots.to_vec(), self.opts.locality.small_file);
+        let layer = Arc::new(Layer { source: layer, map });
         let mut map = self.slots.write().expect("slot map lock");
         for (i, &slot) in slots.iter().enumerate() {
             // A chunk shared by several layers keeps its first source.
@@ -174,8 +255,8 @@ impl Core {
         let map = self.slots.read().expect("slot map lock");
         map.get(&slot).map(|e| {
             (
-                e.layer.index.chunks[e.chunk as usize].digest,
-                e.layer.clone(),
+                e.layer.source.index.chunks[e.chunk as usize].digest,
+                e.layer.source.clone(),
                 e.chunk,
             )
         })
@@ -213,9 +294,6 @@ impl Core {
         }
         if prio == Priority::OnDemand {
             self.metrics.misses.fetch_add(1, Ordering::Relaxed);
-            if let Some(hook) = self.access_hook.get() {
-                let _ = hook.send((Instant::now(), missing.clone()));
-            }
         }
         let deadline = self.opts.deadline;
         match tokio::time::timeout(deadline, self.fill(&missing, prio)).await {
@@ -227,49 +305,202 @@ impl Core {
         }
     }
 
+    /// True if `slot` holds chunk `id` of `layer` as far as the core knows, and nobody has
+    /// it or is fetching it: then this fill may claim it.
+    fn claimable(
+        &self,
+        map: &HashMap<u64, SlotEntry>,
+        flights: &HashMap<u64, FlightRef>,
+        layer: &Layer,
+        id: u32,
+    ) -> Option<u64> {
+        let slot = *layer.map.slots.get(id as usize)?;
+        if self.bitmap.is_present(slot) || flights.contains_key(&slot) {
+            return None;
+        }
+        // The slot may have been released and reused by another chunk since the layer
+        // was registered: only fill it with the chunk it holds now.
+        let e = map.get(&slot)?;
+        let digest = &layer.source.index.chunks[id as usize].digest;
+        (e.layer.source.index.chunks[e.chunk as usize].digest == *digest).then_some(slot)
+    }
+
     async fn fill(self: &Arc<Self>, missing: &[u64], prio: Priority) -> Result<(), FillError> {
         let mut waits: Vec<(u64, watch::Receiver<Flight>)> = Vec::new();
-        // Slots this call fetches, grouped by layer.
         // Keyed by the layer's address (identity), held as a number so the map is Send.
-        let mut mine: HashMap<usize, LayerFetch> = HashMap::new();
+        let mut demanded: HashMap<usize, Claimed> = HashMap::new();
+        let mut nearby: HashMap<usize, Claimed> = HashMap::new();
+        // Slots claimed beyond the demanded ones, in claim order.
+        let mut pulled: Vec<u64> = Vec::new();
+        let mut unknown = None;
         {
             let map = self.slots.read().expect("slot map lock");
             let mut flights = self.flights.lock().expect("flight lock");
+            // Requests below on-demand priority learn how to be promoted once planned.
+            let claim = |flights: &mut HashMap<u64, FlightRef>,
+                         to: &mut HashMap<usize, Claimed>,
+                         layer: &Arc<Layer>,
+                         id: u32,
+                         slot: u64| {
+                let (tx, rx) = watch::channel(Flight::Pending);
+                flights.insert(
+                    slot,
+                    FlightRef {
+                        rx: rx.clone(),
+                        promote: None,
+                    },
+                );
+                to.entry(Arc::as_ptr(layer) as usize)
+                    .or_insert_with(|| Claimed::new(layer))
+                    .slots
+                    .insert(id, (slot, tx));
+                rx
+            };
+            let mut asked: Vec<(Arc<Layer>, u32)> = Vec::new();
             for &slot in missing {
                 if self.bitmap.is_present(slot) {
                     continue;
                 }
-                if let Some(rx) = flights.get(&slot) {
-                    waits.push((slot, rx.clone()));
+                if let Some(f) = flights.get(&slot) {
+                    if prio == Priority::OnDemand
+                        && let Some(p) = &f.promote
+                    {
+                        p.notify_one();
+                    }
+                    waits.push((slot, f.rx.clone()));
                     continue;
                 }
-                let entry = map.get(&slot).ok_or(FillError::UnknownSlot(slot))?;
-                let (tx, rx) = watch::channel(Flight::Pending);
-                flights.insert(slot, rx.clone());
+                let Some(entry) = map.get(&slot) else {
+                    // Answered after the claimed chunks are on their way: returning now
+                    // would leave their flights without a fetch.
+                    unknown.get_or_insert(slot);
+                    continue;
+                };
+                let rx = claim(&mut flights, &mut demanded, &entry.layer, entry.chunk, slot);
                 waits.push((slot, rx));
-                let e = mine
-                    .entry(Arc::as_ptr(&entry.layer) as usize)
-                    .or_insert_with(|| (entry.layer.clone(), Vec::new(), Vec::new()));
-                e.1.push((entry.chunk, slot));
-                e.2.push(tx);
+                asked.push((entry.layer.clone(), entry.chunk));
+            }
+            if prio == Priority::OnDemand {
+                // Read-ahead: the missing chunks right after each demanded one join its
+                // request.
+                for (layer, id) in &asked {
+                    let index = &layer.source.index;
+                    let first = &index.chunks[*id as usize];
+                    let mut end = first.offset + first.compressed_len as u64;
+                    for &next in layer.map.pack_after(index, *id) {
+                        let c = &index.chunks[next as usize];
+                        if c.offset.saturating_sub(end) > self.opts.max_gap
+                            || c.offset + c.compressed_len as u64 - first.offset
+                                > self.opts.readahead
+                        {
+                            break;
+                        }
+                        let Some(slot) = self.claimable(&map, &flights, layer, next) else {
+                            break;
+                        };
+                        claim(&mut flights, &mut demanded, layer, next, slot);
+                        pulled.push(slot);
+                        self.metrics
+                            .readahead_chunks
+                            .fetch_add(1, Ordering::Relaxed);
+                        end = c.offset + c.compressed_len as u64;
+                    }
+                }
+                if self.opts.locality.enabled {
+                    let base = self.opts.locality.max_bytes;
+                    for (layer, id) in &asked {
+                        let index = &layer.source.index;
+                        let at = layer.map.tar_pos(index, *id);
+                        let window = layer.map.streams.window(at, base, base * STREAM_GROWTH);
+                        let mut budget = window;
+                        let mut to = at;
+                        for next in layer.map.neighbours(index, *id).take(1 << 14) {
+                            let len = index.chunks[next as usize].compressed_len as u64;
+                            if len > budget {
+                                break;
+                            }
+                            let Some(slot) = self.claimable(&map, &flights, layer, next) else {
+                                continue;
+                            };
+                            claim(&mut flights, &mut nearby, layer, next, slot);
+                            pulled.push(slot);
+                            self.metrics.locality_chunks.fetch_add(1, Ordering::Relaxed);
+                            budget -= len;
+                            to = to.max(layer.map.tar_pos(index, next));
+                        }
+                        layer.map.streams.record(at, to, window);
+                    }
+                }
             }
         }
-        for (_, (layer, chunks, senders)) in mine {
-            let ids: Vec<u32> = chunks.iter().map(|&(c, _)| c).collect();
-            let mut slot_of = HashMap::new();
-            for ((chunk, slot), tx) in chunks.into_iter().zip(senders) {
-                slot_of.insert(chunk, (slot, tx));
+        if prio == Priority::OnDemand
+            && let Some(hook) = self.access_hook.get()
+        {
+            // A trace lists what the miss pulled in too: those chunks are read from the
+            // store later without a miss, and a replay must bring them as well.
+            let mut slots = missing.to_vec();
+            slots.extend_from_slice(&pulled);
+            let _ = hook.send((Instant::now(), slots));
+        }
+        let max_run = self.opts.max_run.max(self.opts.readahead);
+        // Locality's requests start once the demanded chunks are in: on a slow link they
+        // would otherwise share its bandwidth with the request a reader is blocked on.
+        let asked_flights: Vec<watch::Receiver<Flight>> = demanded
+            .values()
+            .flat_map(|c| c.slots.values().map(|(_, tx)| tx.subscribe()))
+            .collect();
+        let mut later = Vec::new();
+        for (group, run_prio) in [(demanded, prio), (nearby, Priority::Prefetch)] {
+            for (_, claimed) in group {
+                let ids: Vec<u32> = claimed.slots.keys().copied().collect();
+                let mut slots = claimed.slots;
+                for run in plan_runs(
+                    &claimed.layer.source.index,
+                    &ids,
+                    self.opts.max_gap,
+                    max_run,
+                ) {
+                    let run_slots: RunSlots = run
+                        .chunks
+                        .iter()
+                        .filter_map(|id| slots.remove_entry(id))
+                        .collect();
+                    let promote = (run_prio != Priority::OnDemand).then(|| {
+                        let n = Arc::new(Notify::new());
+                        let mut flights = self.flights.lock().expect("flight lock");
+                        for (slot, _) in run_slots.values() {
+                            if let Some(f) = flights.get_mut(slot) {
+                                f.promote = Some(n.clone());
+                            }
+                        }
+                        n
+                    });
+                    let job = (claimed.layer.clone(), run, run_slots, run_prio, promote);
+                    if run_prio == prio {
+                        // Spawned, so the fetch finishes for the other waiters even if
+                        // this reader gives up.
+                        let core = self.clone();
+                        tokio::spawn(async move { core.fetch_one_run(job).await });
+                    } else {
+                        later.push(job);
+                    }
+                }
             }
-            let runs = plan_runs(&layer.index, &ids, self.opts.max_gap, self.opts.max_run);
-            let slot_of = Arc::new(Mutex::new(slot_of));
-            for run in runs {
-                // Spawned, so the fetch finishes for the other waiters even if this
-                // reader gives up.
-                let core = self.clone();
-                let layer = layer.clone();
-                let slot_of = slot_of.clone();
-                tokio::spawn(async move { core.fetch_one_run(layer, run, slot_of, prio).await });
-            }
+        }
+        if !later.is_empty() {
+            let core = self.clone();
+            tokio::spawn(async move {
+                for mut rx in asked_flights {
+                    let _ = rx.wait_for(|f| *f != Flight::Pending).await;
+                }
+                for job in later {
+                    let core = core.clone();
+                    tokio::spawn(async move { core.fetch_one_run(job).await });
+                }
+            });
+        }
+        if let Some(slot) = unknown {
+            return Err(FillError::UnknownSlot(slot));
         }
         let mut failure = None;
         for (slot, mut rx) in waits {
@@ -290,16 +521,26 @@ impl Core {
         }
     }
 
-    async fn fetch_one_run(
-        self: Arc<Self>,
-        layer: Arc<LayerSource>,
-        run: dedup_image::fetch::Run,
-        slot_of: RunSlots,
-        prio: Priority,
-    ) {
-        let _permit = self.gate.acquire(prio).await;
+    async fn fetch_one_run(self: Arc<Self>, job: RunJob) {
+        let (layer, run, mut slots, prio, promote) = job;
+        let _permit = match &promote {
+            Some(p) => {
+                tokio::select! {
+                    biased;
+                    permit = self.gate.acquire(prio) => permit,
+                    _ = p.notified() => {
+                        self.metrics.promotions.fetch_add(1, Ordering::Relaxed);
+                        self.gate.acquire(Priority::OnDemand).await
+                    }
+                }
+            }
+            None => self.gate.acquire(prio).await,
+        };
+        let source = &layer.source;
         let mut last_err = String::new();
+        let mut run = Some(run);
         for attempt in 0..self.opts.attempts.max(1) {
+            let Some(this) = run.take() else { return };
             if attempt > 0 {
                 tokio::time::sleep(Duration::from_millis(100 << attempt.min(5))).await;
             }
@@ -308,53 +549,96 @@ impl Core {
                 .fetch_add(1, Ordering::Relaxed);
             self.metrics.fetch_requests.fetch_add(1, Ordering::Relaxed);
             let start = Instant::now();
-            let r = fetch_run(&layer.endpoint, &layer.index, &run).await;
+            let r = fetch_run_bytes(&source.endpoint, &source.index, &this).await;
             self.metrics
                 .inflight_fetches
                 .fetch_sub(1, Ordering::Relaxed);
             match r {
-                Ok(chunks) => {
-                    self.metrics.observe_fetch(start.elapsed());
+                Ok(bytes) => {
                     self.metrics
                         .bytes_fetched
-                        .fetch_add(run.len, Ordering::Relaxed);
-                    for (id, bytes) in chunks {
-                        let Some((slot, tx)) = slot_of.lock().expect("run lock").remove(&id) else {
-                            continue;
-                        };
-                        let digest = layer.index.chunks[id as usize].digest;
-                        let outcome = match self.writer.write_slot(slot, &digest, &bytes) {
-                            Ok(()) => {
-                                self.bitmap.set(slot);
-                                let _ = self.persist.send(digest);
-                                self.metrics.chunks_fetched.fetch_add(1, Ordering::Relaxed);
-                                self.metrics
-                                    .chunk_bytes_written
-                                    .fetch_add(bytes.len() as u64, Ordering::Relaxed);
-                                Flight::Done
-                            }
-                            Err(e) => {
-                                Flight::Failed(format!("writing slot {slot} of the store: {e}"))
-                            }
-                        };
-                        self.finish(slot, tx, outcome);
+                        .fetch_add(this.len, Ordering::Relaxed);
+                    let core = self.clone();
+                    let l = layer.clone();
+                    let (left, errors, this) = match tokio::task::spawn_blocking(move || {
+                        let (left, errors) = core.store_run(&l, &this, &bytes, slots);
+                        (left, errors, this)
+                    })
+                    .await
+                    {
+                        Ok(r) => r,
+                        Err(e) => {
+                            // The flights were dropped with the task: their waiters see
+                            // the fetch abandoned.
+                            tracing::error!(layer = %source.name, error = %e, "storing fetched chunks panicked");
+                            return;
+                        }
+                    };
+                    self.metrics.observe_fetch(start.elapsed());
+                    slots = left;
+                    if slots.is_empty() {
+                        return;
                     }
-                    return;
+                    // Frames that did not verify (a corrupt answer): fetch them again.
+                    self.metrics.fetch_errors.fetch_add(1, Ordering::Relaxed);
+                    last_err = format!("{}: {}", source.name, errors.join("; "));
+                    tracing::warn!(layer = %source.name, attempt, error = %last_err, "chunk verification failed");
+                    let ids: Vec<u32> = slots.keys().copied().collect();
+                    run = narrow_run(&source.index, this.pack, &ids);
                 }
                 Err(e) => {
                     self.metrics.fetch_errors.fetch_add(1, Ordering::Relaxed);
-                    last_err = format!("{}: {e:#}", layer.name);
-                    tracing::warn!(layer = %layer.name, attempt, error = %format!("{e:#}"), "chunk fetch failed");
+                    last_err = format!("{}: {e:#}", source.name);
+                    tracing::warn!(layer = %source.name, attempt, error = %format!("{e:#}"), "chunk fetch failed");
+                    run = Some(this);
                 }
             }
         }
-        let pending: Vec<(u64, watch::Sender<Flight>)> = {
-            let mut map = slot_of.lock().expect("run lock");
-            run.chunks.iter().filter_map(|id| map.remove(id)).collect()
-        };
-        for (slot, tx) in pending {
+        for (_, (slot, tx)) in slots {
             self.finish(slot, tx, Flight::Failed(last_err.clone()));
         }
+    }
+
+    /// Verifies and writes the chunks of a fetched run, releasing each chunk's waiters as
+    /// soon as it is in the store. Returns the chunks that did not verify, with why.
+    /// Blocking: runs on a blocking thread.
+    fn store_run(
+        &self,
+        layer: &Layer,
+        run: &Run,
+        bytes: &[u8],
+        mut slots: RunSlots,
+    ) -> (RunSlots, Vec<String>) {
+        let index = &layer.source.index;
+        let mut errors = Vec::new();
+        for &id in &run.chunks {
+            let Some((slot, tx)) = slots.remove(&id) else {
+                continue;
+            };
+            let raw = match decode_in_run(index, run, bytes, id) {
+                Ok(raw) => raw,
+                Err(e) => {
+                    errors.push(format!("{e:#}"));
+                    slots.insert(id, (slot, tx));
+                    continue;
+                }
+            };
+            let digest = index.chunks[id as usize].digest;
+            let outcome = match self.writer.write_slot(slot, &digest, &raw) {
+                Ok(()) => {
+                    self.bitmap.set(slot);
+                    let _ = self.persist.send(digest);
+                    self.metrics.chunks_fetched.fetch_add(1, Ordering::Relaxed);
+                    self.metrics
+                        .chunk_bytes_written
+                        .fetch_add(raw.len() as u64, Ordering::Relaxed);
+                    Flight::Done
+                }
+                Err(e) => Flight::Failed(format!("writing slot {slot} of the store: {e}")),
+            };
+            self.finish(slot, tx, outcome);
+        }
+        (slots, errors)
     }
 
     fn finish(&self, slot: u64, tx: watch::Sender<Flight>, outcome: Flight) {

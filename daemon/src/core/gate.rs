@@ -39,6 +39,26 @@ pub struct Permit {
     prio: Priority,
 }
 
+/// A queued `acquire`. Dropping it (the caller stopped waiting, e.g. a prefetch promoted
+/// to on-demand) gives back a slot that was handed to it in the meantime, so `acquire`
+/// is cancel-safe.
+struct Waiting<'a> {
+    gate: &'a Arc<Gate>,
+    prio: Priority,
+    rx: Option<oneshot::Receiver<()>>,
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        if let Some(mut rx) = self.rx.take() {
+            rx.close();
+            if rx.try_recv().is_ok() {
+                self.gate.release(self.prio);
+            }
+        }
+    }
+}
+
 impl Gate {
     /// `total` concurrent fetches; prefetch may use all but a quarter of them, the
     /// background fill a quarter.
@@ -77,8 +97,14 @@ impl Gate {
             st.waiters[prio as usize].push_back(tx);
             rx
         };
+        let mut waiting = Waiting {
+            gate: self,
+            prio,
+            rx: Some(rx),
+        };
         // The sender is only dropped after the slot was accounted to us.
-        let _ = rx.await;
+        let _ = waiting.rx.as_mut().expect("set above").await;
+        waiting.rx = None;
         Permit {
             gate: self.clone(),
             prio,
@@ -122,6 +148,27 @@ impl Drop for Permit {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn an_abandoned_wait_gives_its_slot_back() {
+        let gate = Gate::new(2); // prefetch may hold 1
+        let held = gate.acquire(Priority::Prefetch).await;
+        let g = gate.clone();
+        let waiter = tokio::spawn(async move { g.acquire(Priority::Prefetch).await });
+        tokio::task::yield_now().await;
+        assert_eq!(gate.snapshot()[1], (1, 1));
+        // The slot is handed to the waiter, which is aborted before it could take it.
+        drop(held);
+        waiter.abort();
+        let _ = waiter.await;
+        assert_eq!(gate.snapshot()[1], (0, 0), "the slot leaked");
+        let _again = tokio::time::timeout(
+            std::time::Duration::from_secs(1),
+            gate.acquire(Priority::Prefetch),
+        )
+        .await
+        .expect("the slot is free again");
+    }
 
     #[tokio::test]
     async fn on_demand_overtakes_queued_prefetch() {

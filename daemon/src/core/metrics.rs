@@ -26,6 +26,12 @@ pub struct Metrics {
     /// Fills that finally failed (the reader got EIO).
     pub fill_failures: AtomicU64,
     pub inflight_fetches: AtomicU64,
+    /// Chunks that joined an on-demand request as read-ahead (not asked for).
+    pub readahead_chunks: AtomicU64,
+    /// Chunks a miss queued at prefetch priority as likely next (locality).
+    pub locality_chunks: AtomicU64,
+    /// Queued prefetch requests promoted to on-demand because a reader needed them.
+    pub promotions: AtomicU64,
     hist: [AtomicU64; BUCKETS.len() + 1],
     hist_sum_micros: AtomicU64,
 }
@@ -106,6 +112,27 @@ impl Metrics {
             "Range requests in flight.",
             "gauge",
             l(&self.inflight_fetches),
+        );
+        c(
+            out,
+            "readahead_chunks_total",
+            "Chunks that joined an on-demand request as read-ahead.",
+            "counter",
+            l(&self.readahead_chunks),
+        );
+        c(
+            out,
+            "locality_chunks_total",
+            "Chunks a miss queued at prefetch priority as likely next.",
+            "counter",
+            l(&self.locality_chunks),
+        );
+        c(
+            out,
+            "fetch_promotions_total",
+            "Queued prefetch requests promoted because a reader needed them.",
+            "counter",
+            l(&self.promotions),
         );
         let _ = writeln!(
             out,

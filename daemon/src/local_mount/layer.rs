@@ -4,6 +4,7 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
 
 use anyhow::{Context, Result, anyhow, bail};
 use dedup_image::erofs::{self, DeviceSpec, ErofsImage, WriteOptions};
@@ -79,9 +80,24 @@ pub fn check_metadata(metadata: &Path) -> Result<ErofsImage> {
     }
 }
 
-/// Checks `metadata`, then mounts it read-only at `target` with `device=<store>`.
+/// The EROFS domain of every layer mount when dedupd serves cachefiles on-demand; unset:
+/// file-backed mounts with the store as their device (fanotify, local mounts).
+static CACHEFILES_DOMAIN: OnceLock<String> = OnceLock::new();
+
+/// From now on this process mounts layers through fscache in `domain` (set once, by
+/// the cachefiles server before it accepts mounts).
+pub fn use_cachefiles(domain: &str) {
+    let _ = CACHEFILES_DOMAIN.set(domain.to_string());
+}
+
+/// Checks `metadata`, then mounts it read-only at `target`: file-backed with
+/// `device=<store>`, or in cachefiles mode `fsid=<layer>,domain_id=<domain>` (the store
+/// is then the fscache cookie named by the metadata's device tag).
 pub fn mount_layer(metadata: &Path, store_file: &Path, target: &Path) -> Result<()> {
     check_metadata(metadata)?;
     std::fs::create_dir_all(target).with_context(|| format!("creating {}", target.display()))?;
-    kernel::mount_erofs(metadata, store_file, target)
+    match CACHEFILES_DOMAIN.get() {
+        Some(domain) => crate::frontend::cachefiles::mount::mount_layer(metadata, domain, target),
+        None => kernel::mount_erofs(metadata, store_file, target),
+    }
 }

@@ -16,6 +16,7 @@
 
 pub mod chain;
 pub mod fill;
+pub mod holds;
 pub mod kernel;
 pub mod layer;
 pub mod state;

@@ -6,6 +6,7 @@
 //! <root>/layers/<chain>.erofs      EROFS metadata of a layer on its parents (hex chain id)
 //! <root>/mnt/<chain>/              that layer's EROFS mount, shared by image mounts
 //! <root>/mounts/<key>.json         one per image mount: its target and its layers
+//! <root>/holds.json, indexes/      layers held outside image mounts (super::holds)
 //! ```
 //!
 //! A layer mount's reference count is the number of mount records that list it: it is
@@ -130,22 +131,37 @@ impl NodeRoot {
         Ok(out)
     }
 
-    /// Chain ids of the layer mounts listed by any record other than `except`.
+    /// Chain ids of the layer mounts listed by any record other than `except`, and of
+    /// the held layers ([`super::holds`]).
     pub fn layers_in_use(&self, except: Option<&Path>) -> Result<BTreeSet<String>> {
-        Ok(self
+        let mut used: BTreeSet<String> = self
             .records()?
             .into_iter()
             .filter(|(p, _)| Some(p.as_path()) != except)
             .flat_map(|(_, r)| r.layers.into_iter().map(|l| l.chain))
-            .collect())
+            .collect();
+        used.extend(self.load_holds()?.into_keys());
+        Ok(used)
     }
 
-    /// Layer index digests (`sha256:<hex>`, the store owners) listed by any record.
+    /// Layer index digests (`sha256:<hex>`, the store owners) listed by any record or
+    /// held layer.
     pub fn owners_in_use(&self) -> Result<BTreeSet<String>> {
-        Ok(self
+        let mut used: BTreeSet<String> = self
             .records()?
             .into_iter()
             .flat_map(|(_, r)| r.layers.into_iter().map(|l| l.index))
+            .collect();
+        used.extend(self.load_holds()?.into_values().map(|l| l.index_digest));
+        Ok(used)
+    }
+
+    /// Chain ids of the layer mounts image mount records list (held layers aside).
+    pub fn layers_of_records(&self) -> Result<BTreeSet<String>> {
+        Ok(self
+            .records()?
+            .into_iter()
+            .flat_map(|(_, r)| r.layers.into_iter().map(|l| l.chain))
             .collect())
     }
 }

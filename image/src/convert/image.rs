@@ -14,6 +14,7 @@ use tokio::task::JoinSet;
 
 use super::layer::{LayerFacts, convert_layer};
 use super::progress::Progress;
+use super::stub::{self, LayerStub};
 use super::tar_reader::ChunkingOptions;
 use crate::endpoint::Endpoint;
 use crate::index::{self, LayerIndex, Sha256};
@@ -28,6 +29,7 @@ pub mod format {
     pub const PACKS_ARTIFACT: &str = "application/vnd.dedup.packs.v1";
     pub const ANN_LAYER_INDEX: &str = "containerd.io/snapshot/dedup.layer-index";
     pub const ANN_INDEX_BODY_SIZE: &str = "containerd.io/snapshot/dedup.index-body-size";
+    pub const ANN_INDEX_SIZE: &str = "containerd.io/snapshot/dedup.index-size";
     pub const ANN_DIFF_ID: &str = "containerd.io/snapshot/dedup.diff-id";
     pub const ANN_SOURCE_REPOSITORY: &str = "containerd.io/snapshot/dedup.source-repository";
     pub const ANN_CHUNK_SIZE: &str = "containerd.io/snapshot/dedup.chunk-size";
@@ -216,6 +218,7 @@ pub async fn convert_image_with(
         ..Default::default()
     };
     let mut index_descs = Vec::new();
+    let mut index_blobs = Vec::new();
     let mut all_packs: Vec<Descriptor> = Vec::new();
     let mut pack_set = HashSet::new();
     for (i, layer) in manifest.layers.iter().enumerate() {
@@ -246,6 +249,20 @@ pub async fn convert_image_with(
             .put(digest.clone(), blob.clone())
             .await
             .with_context(|| format!("pushing the layer index of {what}"))?;
+        let stub = LayerStub {
+            format: stub::STUB_FORMAT,
+            layer_index: digest.to_string(),
+            index_size: blob.len() as u64,
+            index_body_size: body.len() as u64,
+            diff_id: index.diff_id.oci(),
+            repository: dst.repository_name().unwrap_or_default(),
+            chunk_size: opts.chunking.chunk_size,
+        };
+        let stub_tar = Bytes::from(stub.to_tar());
+        uploader
+            .put(Digest::of(&stub_tar), stub_tar.clone())
+            .await
+            .with_context(|| format!("pushing the layer stub of {what}"))?;
         summary.index_bytes += blob.len() as u64;
         summary.chunks += index.chunks.len();
         for p in &index.packs {
@@ -254,13 +271,12 @@ pub async fn convert_image_with(
                 all_packs.push(Descriptor::new(format::PACK, d, p.size));
             }
         }
-        index_descs.push(layer_descriptor(
-            &index,
-            &blob,
-            body.len(),
-            &dst,
-            opts.chunking.chunk_size,
+        index_blobs.push(Descriptor::new(
+            format::LAYER_INDEX,
+            digest.clone(),
+            blob.len() as u64,
         ));
+        index_descs.push(stub_descriptor(&stub, &stub_tar));
         summary.layer_indexes.push(digest);
         summary.bytes_in += facts.blob_size;
         summary.tar_bytes += facts.tar_size;
@@ -268,7 +284,12 @@ pub async fn convert_image_with(
         summary.layer_facts.push(facts);
     }
 
-    // Config: the source's bytes, unchanged.
+    // Config: the source's, with each diff_id replaced by its stub's digest (an
+    // uncompressed tar's diff_id is its digest).
+    let stub_ids: Vec<String> = index_descs.iter().map(|d| d.digest.to_string()).collect();
+    let config_bytes = Bytes::from(
+        rewrite_diff_ids(&config_bytes, &stub_ids).context("rewriting the image config")?,
+    );
     let config_digest = Digest::of(&config_bytes);
     uploader
         .put(config_digest.clone(), config_bytes.clone())
@@ -309,7 +330,10 @@ pub async fn convert_image_with(
     let packs_manifest = ImageManifest {
         artifact_type: Some(format::PACKS_ARTIFACT.to_string()),
         subject: Some(manifest_desc.clone()),
-        ..ImageManifest::new_oci(Descriptor::empty(), all_packs)
+        ..ImageManifest::new_oci(
+            Descriptor::empty(),
+            index_blobs.into_iter().chain(all_packs).collect(),
+        )
     };
     let packs_bytes = Bytes::from(packs_manifest.to_bytes());
     let packs_digest = dst
@@ -357,22 +381,42 @@ pub async fn convert_image_with(
     Ok(summary)
 }
 
-fn layer_descriptor(
-    index: &LayerIndex,
-    blob: &[u8],
-    body_len: usize,
-    dst: &Endpoint,
-    chunk_size: u32,
-) -> Descriptor {
-    let mut d = Descriptor::of(format::LAYER_INDEX, blob)
-        .with_annotation(format::ANN_INDEX_BODY_SIZE, body_len.to_string())
-        .with_annotation(format::ANN_DIFF_ID, index.diff_id.oci())
-        .with_annotation(format::ANN_CHUNK_SIZE, chunk_size.to_string());
-    d = d.with_annotation(format::ANN_LAYER_INDEX, Digest::of(blob).to_string());
-    if let Some(repo) = dst.repository_name() {
-        d = d.with_annotation(format::ANN_SOURCE_REPOSITORY, repo);
+/// The manifest's layer: the stub tar, annotated with everything a snapshotter
+/// needs to find the index and its packs (containerd passes annotations under
+/// `containerd.io/snapshot/` on as snapshot labels).
+fn stub_descriptor(stub: &LayerStub, tar: &[u8]) -> Descriptor {
+    let mut d = Descriptor::of(media_types::OCI_LAYER_TAR, tar)
+        .with_annotation(format::ANN_LAYER_INDEX, stub.layer_index.clone())
+        .with_annotation(format::ANN_INDEX_SIZE, stub.index_size.to_string())
+        .with_annotation(
+            format::ANN_INDEX_BODY_SIZE,
+            stub.index_body_size.to_string(),
+        )
+        .with_annotation(format::ANN_DIFF_ID, stub.diff_id.clone())
+        .with_annotation(format::ANN_CHUNK_SIZE, stub.chunk_size.to_string());
+    if !stub.repository.is_empty() {
+        d = d.with_annotation(format::ANN_SOURCE_REPOSITORY, stub.repository.clone());
     }
     d
+}
+
+/// The config JSON with `rootfs.diff_ids` replaced, every other field kept as it was.
+fn rewrite_diff_ids(config: &[u8], diff_ids: &[String]) -> Result<Vec<u8>> {
+    let mut v: serde_json::Value = serde_json::from_slice(config)?;
+    let rootfs = v
+        .get_mut("rootfs")
+        .and_then(|r| r.as_object_mut())
+        .context("the config has no rootfs object")?;
+    rootfs.insert(
+        "diff_ids".into(),
+        serde_json::Value::Array(
+            diff_ids
+                .iter()
+                .map(|d| serde_json::Value::String(d.clone()))
+                .collect(),
+        ),
+    );
+    Ok(serde_json::to_vec(&v)?)
 }
 
 /// Reads the source manifest (picking the platform from an index), its config, and
@@ -385,9 +429,9 @@ async fn resolve_source(
     if manifest
         .layers
         .iter()
-        .any(|l| l.media_type == format::LAYER_INDEX)
+        .any(|l| l.annotation(format::ANN_LAYER_INDEX).is_some())
     {
-        bail!("the image is already converted (its layers are dedup layer indexes)");
+        bail!("the image is already converted (its layers are dedup layer stubs)");
     }
     for (i, l) in manifest.layers.iter().enumerate() {
         if !media_types::is_layer(&l.media_type) {

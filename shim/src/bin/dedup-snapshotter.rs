@@ -12,6 +12,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use clap::Parser;
 use dedup_shim::config::Config;
+use dedup_shim::layers::Layers;
 use dedup_shim::{Snapshotter, service, socket};
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::watch;
@@ -36,6 +37,16 @@ struct Args {
     /// Unix socket to serve on (containerd's proxy_plugins address).
     #[arg(long)]
     address: Option<PathBuf>,
+    /// dedupd's control socket.
+    #[arg(long, conflicts_with = "no_daemon")]
+    daemon_socket: Option<PathBuf>,
+    /// Run without dedupd: layers stay plain overlay directories (no lazy pull, no
+    /// dedup); for testing the snapshot semantics alone.
+    #[arg(long)]
+    no_daemon: bool,
+    /// A registry (host[:port]) to reach over plain HTTP; repeatable.
+    #[arg(long = "insecure-registry")]
+    insecure_registry: Vec<String>,
     /// Log filter (tracing EnvFilter syntax).
     #[arg(long, env = "DEDUP_SNAPSHOTTER_LOG", default_value = "info")]
     log: String,
@@ -50,6 +61,14 @@ impl Args {
         if let Some(a) = &self.address {
             cfg.address = a.clone();
         }
+        if let Some(d) = &self.daemon_socket {
+            cfg.daemon_socket = d.clone();
+        }
+        if self.no_daemon {
+            cfg.daemon_socket = PathBuf::new();
+        }
+        cfg.insecure_registries
+            .extend(self.insecure_registry.iter().cloned());
         cfg.validate().context("command-line flags")?;
         Ok(cfg)
     }
@@ -69,7 +88,19 @@ async fn serve(cfg: Config) -> Result<()> {
     });
 
     let root = cfg.root.clone();
-    let sn = tokio::task::spawn_blocking(move || Snapshotter::open(&root))
+    let layers = (!cfg.daemon_socket.as_os_str().is_empty()).then(|| {
+        Layers::new(
+            cfg.daemon_socket.clone(),
+            cfg.insecure_registries.clone(),
+            &cfg.root,
+            tokio::runtime::Handle::current(),
+        )
+    });
+    match &layers {
+        Some(l) => info!(daemon = %l.socket().display(), "layers are held by dedupd"),
+        None => warn!("no daemon_socket: layers stay plain directories (no lazy pull, no dedup)"),
+    }
+    let sn = tokio::task::spawn_blocking(move || Snapshotter::open_with(&root, layers))
         .await
         .context("opening the snapshotter")??;
     let sn = Arc::new(sn);

@@ -124,16 +124,21 @@ impl Layout {
     }
 
     /// Moves a directory made by [`new_dir`](Self::new_dir) to `snapshots/<id>`.
-    /// `fs` takes the owner of the parent's `fs` (as in containerd: a layer's root
-    /// directory keeps the owner the image gave it). Call inside the metadata
+    /// `fs` takes the owner of the parent's root directory, `parent_root` (its `fs`,
+    /// or its layer mount; as in containerd: a layer's root directory keeps the
+    /// owner the image gave it). Call inside the metadata
     /// transaction that created `id`: until it commits, whatever is at
     /// `snapshots/<id>` is an orphan of an earlier crash and is replaced. The new
     /// entries are fsync'ed, so the commit that follows never names a directory
     /// a power loss could take back.
-    pub fn install(&self, tmp: &Path, id: Id, parent: Option<Id>) -> Result<PathBuf, Error> {
-        if let Some(p) = parent {
-            let pfs = self.fs_dir(p);
-            let m = fs::metadata(&pfs).map_err(err("stat of the parent", &pfs))?;
+    pub fn install(
+        &self,
+        tmp: &Path,
+        id: Id,
+        parent_root: Option<&Path>,
+    ) -> Result<PathBuf, Error> {
+        if let Some(pfs) = parent_root {
+            let m = fs::metadata(pfs).map_err(err("stat of the parent", pfs))?;
             let fs_dir = tmp.join("fs");
             std::os::unix::fs::lchown(&fs_dir, Some(m.uid()), Some(m.gid()))
                 .map_err(err("chown", &fs_dir))?;
@@ -220,6 +225,10 @@ mod tests {
         // An orphan where id 1 goes is replaced.
         fs::create_dir_all(l.fs_dir(1).join("stale")).unwrap();
         l.install(&a, 1, None).unwrap();
+        // The parent's root gives the owner of `fs`.
+        let b = l.new_dir(Kind::Active).unwrap();
+        l.install(&b, 2, Some(&l.fs_dir(1))).unwrap();
+        remove_all(&l.snapshot_dir(2)).unwrap();
         assert!(l.fs_dir(1).is_dir() && !l.fs_dir(1).join("stale").exists());
         fs::create_dir(l.snapshots.join("0001")).unwrap();
         fs::write(l.snapshots.join("junk"), b"").unwrap();

@@ -46,11 +46,16 @@ fn path(p: std::path::PathBuf) -> String {
     p.to_string_lossy().into_owned()
 }
 
-/// The mounts of an active or view snapshot.
+/// The mounts of an active or view snapshot. A parent that is a dedupd layer is
+/// seen through its EROFS mount, any other through its own directory.
 pub fn mounts(layout: &Layout, s: &Snapshot, opts: &OverlayOptions) -> Vec<Mount> {
+    let dir = |id| match s.layer_mounts.get(&id) {
+        Some(m) => m.clone(),
+        None => path(layout.fs_dir(id)),
+    };
     let bind = |id, ro: bool| Mount {
         fs_type: "bind".into(),
-        source: path(layout.fs_dir(id)),
+        source: dir(id),
         options: vec![if ro { "ro" } else { "rw" }.into(), "rbind".into()],
     };
     if s.parent_ids.is_empty() {
@@ -66,11 +71,7 @@ pub fn mounts(layout: &Layout, s: &Snapshot, opts: &OverlayOptions) -> Vec<Mount
     } else if s.parent_ids.len() == 1 {
         return vec![bind(s.parent_ids[0], true)];
     }
-    let lower: Vec<String> = s
-        .parent_ids
-        .iter()
-        .map(|&id| path(layout.fs_dir(id)))
-        .collect();
+    let lower: Vec<String> = s.parent_ids.iter().map(|&id| dir(id)).collect();
     options.push(format!("lowerdir={}", lower.join(":")));
     vec![Mount {
         fs_type: "overlay".into(),
@@ -91,6 +92,7 @@ mod tests {
             id: 9,
             kind,
             parent_ids: parents.to_vec(),
+            layer_mounts: [(1, "/l/mnt/c1".to_string())].into_iter().collect(),
         };
         mounts(&l, &s, &OverlayOptions { index_off })
     }
@@ -118,11 +120,15 @@ mod tests {
             one("bind", "/r/snapshots/3/fs", &["ro", "rbind"])
         );
         assert_eq!(
+            m(Kind::View, &[1], true),
+            one("bind", "/l/mnt/c1", &["ro", "rbind"])
+        );
+        assert_eq!(
             m(Kind::View, &[3, 1], false),
             one(
                 "overlay",
                 "overlay",
-                &["lowerdir=/r/snapshots/3/fs:/r/snapshots/1/fs"]
+                &["lowerdir=/r/snapshots/3/fs:/l/mnt/c1"]
             )
         );
         assert_eq!(
@@ -134,7 +140,7 @@ mod tests {
                     "index=off",
                     "workdir=/r/snapshots/9/work",
                     "upperdir=/r/snapshots/9/fs",
-                    "lowerdir=/r/snapshots/3/fs:/r/snapshots/1/fs"
+                    "lowerdir=/r/snapshots/3/fs:/l/mnt/c1"
                 ]
             )
         );

@@ -25,6 +25,7 @@
 
 mod error;
 mod filter;
+mod layers;
 mod validate;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -36,6 +37,7 @@ use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 
 pub use error::Error;
 pub use filter::Filter;
+pub use layers::{LayerRef, Origin};
 pub use validate::{MAX_KEY_BYTES, MAX_LABEL_BYTES, validate_key, validate_labels};
 
 /// A snapshot's numeric id; its directory is named by it.
@@ -89,9 +91,11 @@ pub struct Snapshot {
     pub kind: Kind,
     /// The parent chain, nearest parent first.
     pub parent_ids: Vec<Id>,
+    /// The EROFS layer mounts of those parents that are dedupd layers.
+    pub layer_mounts: HashMap<Id, String>,
 }
 
-const SCHEMA_VERSION: i64 = 1;
+const SCHEMA_VERSION: i64 = 2;
 
 const SCHEMA: &str = "
 CREATE TABLE snapshots (
@@ -143,9 +147,17 @@ impl MetaStore {
         match version {
             0 => {
                 conn.execute_batch(&format!(
-                    "BEGIN IMMEDIATE; {SCHEMA} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;"
+                    "BEGIN IMMEDIATE; {SCHEMA} {} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;",
+                    layers::SCHEMA_V2
                 ))
                 .map_err(Error::db("creating the schema"))?;
+            }
+            1 => {
+                conn.execute_batch(&format!(
+                    "BEGIN IMMEDIATE; {} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;",
+                    layers::SCHEMA_V2
+                ))
+                .map_err(Error::db("upgrading the schema to version 2"))?;
             }
             SCHEMA_VERSION => {}
             v => {
@@ -341,10 +353,12 @@ impl Tx<'_> {
             Some(p) => self.chain(p.id)?,
             None => vec![],
         };
+        let layer_mounts = self.layer_mounts(&parent_ids)?;
         Ok(Snapshot {
             id,
             kind,
             parent_ids,
+            layer_mounts,
         })
     }
 
@@ -362,10 +376,12 @@ impl Tx<'_> {
             Some(p) => self.chain(p)?,
             None => vec![],
         };
+        let layer_mounts = self.layer_mounts(&parent_ids)?;
         Ok(Snapshot {
             id: row.id,
             kind: row.kind,
             parent_ids,
+            layer_mounts,
         })
     }
 

@@ -119,13 +119,13 @@ fn close_fd(fd: RawFd) {
     unsafe { libc::close(fd) };
 }
 
-struct Server {
-    child: Child,
-    socket: OwnedFd,
+pub(crate) struct Server {
+    pub(crate) child: Child,
+    pub(crate) socket: OwnedFd,
 }
 
 /// Blocks SIGTERM, SIGINT and SIGCHLD and returns a signalfd for them.
-fn signal_fd() -> io::Result<OwnedFd> {
+pub(crate) fn signal_fd() -> io::Result<OwnedFd> {
     // SAFETY: building and applying a signal mask with libc on a local sigset.
     unsafe {
         let mut set: libc::sigset_t = std::mem::zeroed();
@@ -144,7 +144,7 @@ fn signal_fd() -> io::Result<OwnedFd> {
     }
 }
 
-fn read_signals(fd: BorrowedFd<'_>) -> Vec<i32> {
+pub(crate) fn read_signals(fd: BorrowedFd<'_>) -> Vec<i32> {
     let mut out = Vec::new();
     let mut buf = [0u8; 128]; // sizeof(struct signalfd_siginfo)
     loop {
@@ -406,7 +406,7 @@ fn handle_event(
     }
 }
 
-fn send(socket: &OwnedFd, msg: &[u8]) {
+pub(crate) fn send(socket: &OwnedFd, msg: &[u8]) {
     // A full socket buffer or a dead server loses nothing: the event stays in
     // `inflight` and is sent again to the next server.
     // SAFETY: msg is valid for msg.len() bytes.
@@ -423,14 +423,14 @@ fn send(socket: &OwnedFd, msg: &[u8]) {
     }
 }
 
-fn reap(server: &mut Option<Server>) {
+pub(crate) fn reap(server: &mut Option<Server>) {
     if let Some(mut s) = server.take() {
         let _ = s.child.kill();
         let _ = s.child.wait();
     }
 }
 
-fn spawn_server(
+pub(crate) fn spawn_server(
     cfg: &HolderConfig,
     group: &OwnedFd,
     store: &std::fs::File,
@@ -496,10 +496,25 @@ pub fn unmount_all(mounts_file: &Path) -> bool {
         return true;
     };
     let mut left = Vec::new();
+    let listed: Vec<&str> = text.lines().filter(|l| !l.is_empty()).collect();
     for target in text.lines().rev().filter(|l| !l.is_empty()) {
         let Ok(c) = std::ffi::CString::new(target) else {
             continue;
         };
+        // A layer an overlay stands on unmounts without EBUSY (overlayfs keeps a private
+        // clone), yet the overlay goes on reading through it: busy all the same.
+        // (An image's bind mount and the layer mount below it share a filesystem: both
+        // are listed, neither keeps the other.)
+        let users = crate::local_mount::holds::mount_users_now(Path::new(target), &listed);
+        if !users.is_empty() {
+            tracing::warn!(
+                target,
+                ?users,
+                "mount still used by other mounts; keeping the fanotify group open"
+            );
+            left.push(target.to_string());
+            continue;
+        }
         // SAFETY: NUL-terminated path.
         let rc = unsafe { libc::umount2(c.as_ptr(), 0) };
         let err = io::Error::last_os_error();
