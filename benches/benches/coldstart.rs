@@ -567,8 +567,10 @@ fn main() -> Result<()> {
                         // The snapshotter is under construction: its failure is a
                         // finding of the run, not a reason to lose the peers' figures.
                         Err(e) if matches!(sys, System::DedupLazy | System::DedupWarm) => {
-                            let msg = format!("{e:#}");
-                            eprintln!("{} {} {}: FAILED: {msg}", sys.label(), link.key(), w.key());
+                            // The chain's outer contexts are the daemons' logs; the
+                            // note carries the root cause.
+                            let msg = format!("{}", e.root_cause());
+                            eprintln!("{} {} {}: FAILED: {e:#}", sys.label(), link.key(), w.key());
                             notes.push(format!(
                                 "{} {} {} failed: {}",
                                 sys.label(),

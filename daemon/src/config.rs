@@ -220,8 +220,8 @@ impl Config {
 
     /// Checks one table of settings; errors start with the key's name.
     pub fn from_table(t: toml::Table) -> Result<Config> {
-        let cfg: Config = Config::deserialize(t)
-            .map_err(|e| anyhow::anyhow!("{}", e.to_string().trim()))?;
+        let cfg: Config =
+            Config::deserialize(t).map_err(|e| anyhow::anyhow!("{}", e.to_string().trim()))?;
         cfg.validate()?;
         Ok(cfg)
     }

@@ -160,16 +160,24 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.starts_with("insecure_registries[0]:"), "{e}");
-        let e = Config::parse("[daemon]\nchunk_size = 3").unwrap_err().to_string();
+        let e = Config::parse("[daemon]\nchunk_size = 3")
+            .unwrap_err()
+            .to_string();
         assert!(e.starts_with("[daemon] chunk_size:"), "{e}");
-        let e = Config::parse("[daemon.fetch]\nconcurency = 3").unwrap_err().to_string();
+        let e = Config::parse("[daemon.fetch]\nconcurency = 3")
+            .unwrap_err()
+            .to_string();
         assert!(e.starts_with("[daemon]") && e.contains("concurency"), "{e}");
         let c = Config::parse("[daemon]\nsocket = \"/run/x/d.sock\"").unwrap();
         assert_eq!(c.daemon_socket, PathBuf::from("/run/x/d.sock"));
-        let c = Config::parse("daemon_socket = \"/a.sock\"\n[daemon]\nsocket = \"/b.sock\"").unwrap();
+        let c =
+            Config::parse("daemon_socket = \"/a.sock\"\n[daemon]\nsocket = \"/b.sock\"").unwrap();
         assert_eq!(c.daemon_socket, PathBuf::from("/a.sock"));
         // dedupd reads the [daemon] table of the same file.
-        let d = dedup_daemon::config::Config::parse("root = \"/srv/snap\"\n[daemon]\nroot = \"/srv/node\"").unwrap();
+        let d = dedup_daemon::config::Config::parse(
+            "root = \"/srv/snap\"\n[daemon]\nroot = \"/srv/node\"",
+        )
+        .unwrap();
         assert_eq!(d.root, PathBuf::from("/srv/node"));
         let c = Config::parse("root = \"/srv/snap\"").unwrap();
         assert_eq!(c.root, PathBuf::from("/srv/snap"));

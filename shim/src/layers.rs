@@ -42,6 +42,9 @@ use crate::metadata::{LayerRef, Origin};
 
 /// containerd's label naming the snapshot a Prepare may be answered with.
 pub const TARGET_LABEL: &str = "containerd.io/snapshot.ref";
+/// The image reference CRI (and containerd 2.x with `enable_remote_snapshot_annotations`)
+/// passes; dedupd names traces and logs by it.
+pub const IMAGE_REF_LABEL: &str = "containerd.io/snapshot/cri.image-ref";
 
 /// A dedupd call that failed.
 #[derive(Debug, thiserror::Error)]
@@ -55,6 +58,8 @@ pub enum Error {
 /// Where a converted layer's index and packs are, from labels or a stub.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RemoteLayer {
+    /// Image reference, when the labels carry one.
+    pub reference: String,
     pub repository: String,
     pub index_digest: String,
     /// diff_id of the original layer.
@@ -72,8 +77,16 @@ impl RemoteLayer {
                 Error::Invalid(format!("label {k} missing beside {}", ann::ANN_LAYER_INDEX))
             })
         };
+        let reference = labels.get(IMAGE_REF_LABEL).cloned().unwrap_or_default();
+        // The image was pulled from `reference`: its blobs are there, wherever it was
+        // converted (a copy, a mirror, another address of the same registry).
+        let repository = match reference.parse::<dedup_image::oci::Reference>() {
+            Ok(r) if !reference.is_empty() => format!("{}/{}", r.registry, r.repository),
+            _ => get(ann::ANN_SOURCE_REPOSITORY)?,
+        };
         let r = RemoteLayer {
-            repository: get(ann::ANN_SOURCE_REPOSITORY)?,
+            reference,
+            repository,
             index_digest: index.clone(),
             diff_id: get(ann::ANN_DIFF_ID)?,
         };
@@ -124,6 +137,7 @@ impl RemoteLayer {
             )));
         }
         Ok(Some(RemoteLayer {
+            reference: String::new(),
             repository: stub.repository,
             index_digest: stub.layer_index,
             diff_id: stub.diff_id,
@@ -296,7 +310,7 @@ impl Layers {
             parent_chain_id: parent_chain.unwrap_or_default().to_string(),
             plain_http: self.insecure.iter().any(|h| h == remote.host()),
             owner: owner.to_string(),
-            reference: String::new(),
+            reference: remote.reference.clone(),
         };
         let m = self.call(
             "AcquireLayer",
@@ -420,6 +434,14 @@ mod tests {
         l.insert(ann::ANN_SOURCE_REPOSITORY.to_string(), "reg/x".into());
         let r = RemoteLayer::from_labels(&l).unwrap().unwrap();
         assert_eq!(r.repository, "reg/x");
+        // The reference the image was pulled by wins over where it was converted.
+        l.insert(IMAGE_REF_LABEL.to_string(), "127.0.0.1:7/mirror/x:1".into());
+        let r = RemoteLayer::from_labels(&l).unwrap().unwrap();
+        assert_eq!(
+            (r.repository.as_str(), r.host()),
+            ("127.0.0.1:7/mirror/x", "127.0.0.1:7")
+        );
+        l.remove(IMAGE_REF_LABEL);
         l.insert(ann::ANN_DIFF_ID.to_string(), "sha256:zz".into());
         assert!(RemoteLayer::from_labels(&l).is_err());
     }

@@ -488,6 +488,12 @@ disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.cri.v1.images", 
             p.name,
             p.socket.display()
         ));
+        // The transfer service then adds the cri.* labels (image reference) to the
+        // layer annotations it passes to Prepare, as the README's 2.x stanza does.
+        cfg.push_str(&format!(
+            "    [proxy_plugins.'{}'.exports]\n      enable_remote_snapshot_annotations = 'true'\n",
+            p.name
+        ));
     }
     cfg
 }

@@ -363,3 +363,73 @@ fn shim_restart_with_a_running_container() {
         std::thread::sleep(Duration::from_millis(200));
     }
 }
+
+/// The workload w1 of the cold-start benchmark (peers.md).
+const W1: &str = "import json, http.server, email.parser, xml.dom.minidom, sqlite3, asyncio, unittest, argparse, logging, decimal; print('ok')";
+
+/// A trace recorded on one node (dedupd alone: a lazy mount and a chroot run) and
+/// replayed on a fresh node before containerd runs the same workload there: the
+/// container's run misses nothing.
+#[test]
+fn trace_from_another_node_leaves_the_container_nothing_to_miss() {
+    let fx = fixtures().unwrap();
+    let node = Node::start(Version::V1_6);
+    let (image, _) = convert(&fx, &node.reg, "dedup/py-traced", "py");
+
+    // Node 1: record.
+    let cfg = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(cfg.path(), "[trace]\nidle_secs = 1.0\nwindow_secs = 60.0\n").unwrap();
+    let recorder = Dedupd::start(&["--config", cfg.path().to_str().unwrap()]).unwrap();
+    let mnt = recorder.scratch("mnt");
+    recorder
+        .ctl_ok(&["mount", "--plain-http", &image, mnt.to_str().unwrap()])
+        .unwrap();
+    let o = std::process::Command::new("chroot")
+        .arg(&mnt)
+        .args(["/usr/bin/python3", "-c", W1])
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&o.stdout).trim(), "ok", "{o:?}");
+    let recorder_misses = recorder.metric("dedupd_misses_total").unwrap();
+    let start = Instant::now();
+    while recorder.metric("dedupd_traces_recorded_total").unwrap() < 1.0 {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "no trace recorded"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // Outside the recorder's root, which goes with it.
+    let keep = tempfile::tempdir_in("/var/tmp").unwrap();
+    let trace = keep.path().join("py.trace");
+    recorder
+        .ctl_ok(&["trace", "export", &image, trace.to_str().unwrap()])
+        .unwrap();
+    recorder.ctl_ok(&["umount", mnt.to_str().unwrap()]).unwrap();
+    drop(recorder);
+
+    // Node 2 (the containerd node): pull, replay, run.
+    node.pull(&image);
+    let t = Instant::now();
+    node.dedupd
+        .ctl_ok(&[
+            "trace-replay",
+            "--plain-http",
+            "--quiet",
+            trace.to_str().unwrap(),
+        ])
+        .unwrap();
+    let replay = t.elapsed();
+    let misses_before = node.metric("dedupd_misses_total");
+    let t = Instant::now();
+    let out = node.run(&image, "w1", &["python3", "-c", W1]);
+    let run = t.elapsed();
+    assert_eq!(out.trim(), "ok");
+    let misses = node.metric("dedupd_misses_total") - misses_before;
+    println!(
+        "trace from node 1 ({recorder_misses} misses there) replayed on node 2 in {:.2} s; ctr run w1 {:.2} s with {misses} on-demand misses",
+        replay.as_secs_f64(),
+        run.as_secs_f64()
+    );
+    assert_eq!(misses, 0.0, "the container's run still missed chunks");
+}
