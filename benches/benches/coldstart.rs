@@ -37,6 +37,7 @@
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
@@ -84,13 +85,15 @@ enum System {
     /// The same node once the workload has run: page cache dropped, then the same pull
     /// (a no-op but for the manifest) and run with every chunk it needs in the node store.
     DedupWarm,
-    // "dedup with trace" goes here: a trace recorded by a first run on another node
-    // (`dedupctl trace export`, or `trace push` beside the image), replayed on a fresh
-    // node root when the image is registered, then the same pull + run.
+    /// A fresh node root with a trace of the workload recorded on another node
+    /// (`dedupctl mount` + the workload in a chroot, `dedupctl trace export`): the pull,
+    /// then `dedupctl trace-replay` started beside `ctr run` (prefetch priority, misses
+    /// first), timed from the start of the pull.
+    DedupTrace,
 }
 
 impl System {
-    const ALL: [System; 8] = [
+    const ALL: [System; 9] = [
         System::Ov21,
         System::Erofs21,
         System::Ov16,
@@ -98,6 +101,7 @@ impl System {
         System::Stargz,
         System::Soci,
         System::DedupLazy,
+        System::DedupTrace,
         System::DedupWarm,
     ];
 
@@ -111,6 +115,7 @@ impl System {
             System::Soci => "soci",
             System::DedupLazy => "dedup",
             System::DedupWarm => "dedup-warm",
+            System::DedupTrace => "dedup-trace",
         }
     }
 
@@ -124,6 +129,7 @@ impl System {
             System::Soci => "SOCI v1 index (4 MiB spans)",
             System::DedupLazy => "dedup lazy (no trace)",
             System::DedupWarm => "dedup warm",
+            System::DedupTrace => "dedup with trace",
         }
     }
 }
@@ -214,6 +220,10 @@ struct Bench {
     reg: Registry,
     ca: TestCa,
     soci_index: Option<String>,
+    /// Per workload, a trace recorded on a node of its own (System::DedupTrace).
+    traces: std::sync::Mutex<std::collections::HashMap<&'static str, PathBuf>>,
+    /// Holds the trace files.
+    trace_dir: tempfile::TempDir,
 }
 
 impl Bench {
@@ -223,7 +233,9 @@ impl Bench {
             System::Stargz => format!("{}/{REPO}:esgz", ep.plain),
             System::StargzOpt => format!("{}/{REPO}:esgz-w1", ep.plain),
             System::Soci => format!("{}/{REPO}:orig", ep.tls),
-            System::DedupLazy | System::DedupWarm => format!("{}/{DEDUP_REPO}:py", ep.plain),
+            System::DedupLazy | System::DedupWarm | System::DedupTrace => {
+                format!("{}/{DEDUP_REPO}:py", ep.plain)
+            }
         }
     }
 
@@ -231,7 +243,10 @@ impl Bench {
     /// the container prints `ok`.
     fn trial(&self, ep: &Endpoints, sys: System, w: Workload, n: usize) -> Result<Trial> {
         let image = self.image(ep, sys);
-        if matches!(sys, System::DedupLazy | System::DedupWarm) {
+        if matches!(
+            sys,
+            System::DedupLazy | System::DedupWarm | System::DedupTrace
+        ) {
             return self.dedup_trial(ep, sys, &image, w, n);
         }
         drop_caches()?;
@@ -242,7 +257,9 @@ impl Bench {
             System::Stargz | System::StargzOpt => {
                 (Some(ProxyDaemon::start_stargz()?), Version::V2_1, "stargz")
             }
-            System::DedupLazy | System::DedupWarm => unreachable!("dedup_trial"),
+            System::DedupLazy | System::DedupWarm | System::DedupTrace => {
+                unreachable!("dedup_trial")
+            }
             System::Soci => (
                 Some(ProxyDaemon::start_soci(
                     &self.ca.bundle(),
@@ -267,7 +284,8 @@ impl Bench {
             | System::Ov16
             | System::Erofs21
             | System::DedupLazy
-            | System::DedupWarm => {
+            | System::DedupWarm
+            | System::DedupTrace => {
                 ctd.pull(&image, snapshotter, true, &[])?;
             }
             System::Stargz | System::StargzOpt => {
@@ -388,6 +406,12 @@ impl Bench {
                 dedupd.log()
             )
         };
+        let mut replay = None;
+        let trace = if sys == System::DedupTrace {
+            Some(self.trace_for(image, w)?)
+        } else {
+            None
+        };
         if sys == System::DedupWarm {
             // The image stays: its layers are registered and their chunks present in the
             // node store. (Removing the image releases the chunks with the layers.)
@@ -399,7 +423,76 @@ impl Bench {
         let mark = self.reg.access_log()?.len();
         let t0 = Instant::now();
         ctd.pull(image, "dedup", true, &[]).with_context(logs)?;
-        self.run_until_ok(&ctd, "dedup", image, sys, w, n, mark, t0, logs)
+        if let Some(trace) = &trace {
+            // Beside the run: prefetches queue behind the run's own misses.
+            replay = Some(
+                std::process::Command::new(dedup_tests::daemon::binary("dedupctl"))
+                    .arg("--socket")
+                    .arg(dedupd.socket())
+                    .args(["trace-replay", "--plain-http", "--quiet", "--image", image])
+                    .arg(trace)
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::piped())
+                    .spawn()
+                    .context("dedupctl trace-replay")?,
+            );
+        }
+        let t = self.run_until_ok(&ctd, "dedup", image, sys, w, n, mark, t0, logs);
+        if let Some(r) = replay {
+            let out = r.wait_with_output()?;
+            if !out.status.success() {
+                bail!(
+                    "dedupctl trace-replay failed: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            }
+        }
+        t
+    }
+
+    /// The trace of workload `w` on `image`, recorded once on a node of its own:
+    /// dedupd alone, the image mounted with `dedupctl mount`, the workload run in a
+    /// chroot, the recording exported.
+    fn trace_for(&self, image: &str, w: Workload) -> Result<PathBuf> {
+        if let Some(p) = self.traces.lock().unwrap().get(w.key()) {
+            return Ok(p.clone());
+        }
+        let cfg = self.trace_dir.path().join("recorder.toml");
+        std::fs::write(&cfg, "[trace]\nidle_secs = 1.0\nwindow_secs = 120.0\n")?;
+        let d = Dedupd::start(&["--config", cfg.to_str().context("path")?])?;
+        let mnt = d.scratch("mnt");
+        d.ctl_ok(&[
+            "mount",
+            "--plain-http",
+            image,
+            mnt.to_str().context("path")?,
+        ])?;
+        let out = std::process::Command::new("chroot")
+            .arg(&mnt)
+            .args(w.args())
+            .output()
+            .context("running the workload in a chroot")?;
+        if String::from_utf8_lossy(&out.stdout).trim() != "ok" {
+            bail!(
+                "recording {}: the workload said {:?} {}",
+                w.key(),
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        let start = Instant::now();
+        while d.metric("dedupd_traces_recorded_total")? < 1.0 {
+            if start.elapsed() > Duration::from_secs(60) {
+                bail!("recording {}: no trace within 60 s", w.key());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let file = self.trace_dir.path().join(format!("{}.trace", w.key()));
+        d.ctl_ok(&["trace", "export", image, file.to_str().context("path")?])?;
+        d.ctl_ok(&["umount", mnt.to_str().context("path")?])?;
+        eprintln!("trace of {} recorded: {}", w.key(), file.display());
+        self.traces.lock().unwrap().insert(w.key(), file.clone());
+        Ok(file)
     }
 }
 
@@ -462,6 +555,8 @@ fn main() -> Result<()> {
         reg,
         ca,
         soci_index: None,
+        traces: Default::default(),
+        trace_dir: tempfile::tempdir_in("/var/tmp")?,
     };
     let mut systems = systems;
     if systems.contains(&System::Stargz) {
@@ -506,10 +601,12 @@ fn main() -> Result<()> {
             }
         }
     }
-    if systems
-        .iter()
-        .any(|s| matches!(s, System::DedupLazy | System::DedupWarm))
-    {
+    if systems.iter().any(|s| {
+        matches!(
+            s,
+            System::DedupLazy | System::DedupWarm | System::DedupTrace
+        )
+    }) {
         let t = Instant::now();
         let opts = ClientOptions {
             plain_http: true,
@@ -566,7 +663,12 @@ fn main() -> Result<()> {
                         Ok(t) => t,
                         // The snapshotter is under construction: its failure is a
                         // finding of the run, not a reason to lose the peers' figures.
-                        Err(e) if matches!(sys, System::DedupLazy | System::DedupWarm) => {
+                        Err(e)
+                            if matches!(
+                                sys,
+                                System::DedupLazy | System::DedupWarm | System::DedupTrace
+                            ) =>
+                        {
                             // The chain's outer contexts are the daemons' logs; the
                             // note carries the root cause.
                             let msg = format!("{}", e.root_cause());
