@@ -322,12 +322,16 @@ fn shim_restart_with_a_running_container() {
             .any(|l| l.starts_with("sleeper") && l.contains("RUNNING")),
         "the container stopped: {tasks}"
     );
-    // The running container still reads its lazily mounted files.
+    // The running container still reads its lazily mounted files. (Its fifos in the
+    // harness's dir: ctr's default is /run/containerd/fifo.)
+    let fifo = node.ctd.dir().join("fifo");
     let o = node
         .ctd
         .ctr_ns(&[
             "tasks",
             "exec",
+            "--fifo-dir",
+            fifo.to_str().unwrap(),
             "--exec-id",
             "probe",
             "sleeper",
