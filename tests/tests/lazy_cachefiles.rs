@@ -3,9 +3,10 @@
 //! a real registry on the guest's loopback, the real daemon (holder + io_uring server),
 //! real EROFS-over-fscache mounts in one domain under overlayfs, real readers.
 //!
-//! The VM tests are `#[ignore]`d so that `cargo test --workspace` on the host does not
-//! run them against a kernel without the feature; tests/vm/run-tests runs them with
-//! `--ignored` inside the guest, where a missing feature fails them loudly.
+//! This test target has `test = false` (tests/Cargo.toml), so `cargo test --workspace`
+//! on the host does not run it against a kernel without the feature; tests/vm/run-tests
+//! (scripts/test's `vm` step) builds it by name and runs every test inside the guest,
+//! and anywhere else a missing feature fails them loudly. None is ignored.
 
 use std::collections::BTreeMap;
 use std::io::Read;
@@ -188,7 +189,6 @@ fn fixtures_for_the_vm_are_built() {
 }
 
 #[test]
-#[ignore = "needs CONFIG_CACHEFILES_ONDEMAND: tests/vm/run-tests runs it in the VM"]
 fn lazy_mount_fetches_only_what_is_read_and_matches_the_reference() {
     let fx = fixtures().unwrap();
     let reg = Registry::start().unwrap();
@@ -285,7 +285,6 @@ fn lazy_mount_fetches_only_what_is_read_and_matches_the_reference() {
 }
 
 #[test]
-#[ignore = "needs CONFIG_CACHEFILES_ONDEMAND: tests/vm/run-tests runs it in the VM"]
 fn concurrent_readers_fetch_each_chunk_once() {
     let fx = fixtures().unwrap();
     let reg = Registry::start().unwrap();
@@ -337,7 +336,6 @@ fn concurrent_readers_fetch_each_chunk_once() {
 }
 
 #[test]
-#[ignore = "needs CONFIG_CACHEFILES_ONDEMAND: tests/vm/run-tests runs it in the VM"]
 fn registry_faults_never_give_wrong_bytes_and_dead_chunks_give_eio_in_time() {
     let fx = fixtures().unwrap();
     let reg = Registry::start().unwrap();
@@ -411,7 +409,6 @@ fn registry_faults_never_give_wrong_bytes_and_dead_chunks_give_eio_in_time() {
 }
 
 #[test]
-#[ignore = "needs CONFIG_CACHEFILES_ONDEMAND: tests/vm/run-tests runs it in the VM"]
 fn two_images_in_one_domain_share_the_store_cache_file() {
     let fx = fixtures().unwrap();
     let reg = Registry::start().unwrap();
@@ -501,7 +498,6 @@ fn server_pid(d: &Dedupd) -> i32 {
 }
 
 #[test]
-#[ignore = "needs CONFIG_CACHEFILES_ONDEMAND: tests/vm/run-tests runs it in the VM"]
 fn killing_the_server_with_readers_blocked_loses_no_read() {
     let fx = fixtures().unwrap();
     let reg = Registry::start().unwrap();
@@ -564,7 +560,6 @@ fn killing_the_server_with_readers_blocked_loses_no_read() {
 }
 
 #[test]
-#[ignore = "needs CONFIG_CACHEFILES_ONDEMAND: tests/vm/run-tests runs it in the VM"]
 fn clean_stop_unmounts_and_releases_the_device() {
     let fx = fixtures().unwrap();
     let reg = Registry::start().unwrap();
@@ -591,7 +586,6 @@ fn clean_stop_unmounts_and_releases_the_device() {
 }
 
 #[test]
-#[ignore = "needs CONFIG_CACHEFILES_ONDEMAND: tests/vm/run-tests runs it in the VM"]
 fn background_fill_is_pushed_into_the_cache_ahead_of_demand() {
     let fx = fixtures().unwrap();
     let reg = Registry::start().unwrap();
@@ -652,7 +646,6 @@ fn background_fill_is_pushed_into_the_cache_ahead_of_demand() {
 }
 
 #[test]
-#[ignore = "needs CONFIG_CACHEFILES_ONDEMAND: tests/vm/run-tests runs it in the VM"]
 fn auto_mode_picks_cachefiles_and_forced_fanotify_names_what_is_missing() {
     // The guest's 6.12 kernel has cachefiles on-demand but no fanotify pre-content.
     let d = Dedupd::start(&[]).unwrap();
