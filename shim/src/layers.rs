@@ -29,12 +29,12 @@ use std::sync::Mutex;
 
 use dedup_image::convert::format as ann;
 use dedup_image::convert::stub::{LayerStub, MAX_STUB_BYTES, STUB_DIR, STUB_PATH};
+use dedup_image::index::Sha256;
 use dedup_image::oci::Digest;
 use dedup_proto::daemon::daemon_client::DaemonClient;
 use dedup_proto::daemon::{
     self as pb, AcquireLayerRequest, ImportLayerRequest, ReleaseLayerRequest,
 };
-use sha2::{Digest as _, Sha256};
 use tonic::transport::Channel;
 use tracing::info;
 
@@ -166,31 +166,25 @@ impl RemoteLayer {
     }
 }
 
-/// OCI ChainID: the diff_id for the bottom layer, else
-/// `sha256(parent + " " + diff_id)`.
-pub fn chain_id(parent: Option<&str>, diff_id: &str) -> String {
-    match parent {
-        None => diff_id.to_string(),
-        Some(p) => format!(
-            "sha256:{}",
-            hex(&Sha256::digest(format!("{p} {diff_id}").as_bytes()))
-        ),
-    }
+/// OCI ChainID (`sha256:<hex>`), computed as dedupd computes it.
+pub fn chain_id(parent: Option<&str>, diff_id: &str) -> Result<String, Error> {
+    let diff = Sha256::parse(diff_id)
+        .ok_or_else(|| Error::Invalid(format!("diff_id {diff_id:?} is not a sha256 digest")))?;
+    let parent_hex = parent.map(|p| p.strip_prefix("sha256:").unwrap_or(p));
+    Ok(format!(
+        "sha256:{}",
+        dedup_daemon::local_mount::holds::chain_id(parent_hex, &diff)
+    ))
 }
 
 /// The chain id of an imported layer: unique to this snapshotter's snapshot, and
 /// never a ChainID of real diff_ids.
 pub fn import_chain_id(parent: Option<&str>, owner: &str) -> String {
-    let mut h = Sha256::new();
-    h.update(b"dedup-snapshotter imported layer\0");
-    h.update(parent.unwrap_or_default().as_bytes());
-    h.update(b"\0");
-    h.update(owner.as_bytes());
-    format!("sha256:{}", hex(&h.finalize()))
-}
-
-fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
+    let seed = format!(
+        "dedup-snapshotter imported layer\0{}\0{owner}",
+        parent.unwrap_or_default()
+    );
+    Sha256::of(seed.as_bytes()).oci()
 }
 
 /// The dedupd side: a client on its control socket, used from the snapshotter's
@@ -393,13 +387,11 @@ mod tests {
     fn chain_ids_follow_oci() {
         let a = format!("sha256:{}", "1".repeat(64));
         let b = format!("sha256:{}", "2".repeat(64));
-        assert_eq!(chain_id(None, &a), a);
-        let want = format!(
-            "sha256:{}",
-            hex(&Sha256::digest(format!("{a} {b}").as_bytes()))
-        );
-        assert_eq!(chain_id(Some(&a), &b), want);
-        assert_ne!(import_chain_id(Some(&a), "o"), chain_id(Some(&a), &b));
+        assert_eq!(chain_id(None, &a).unwrap(), a);
+        let want = Sha256::of(format!("{a} {b}").as_bytes()).oci();
+        assert_eq!(chain_id(Some(&a), &b).unwrap(), want);
+        assert!(chain_id(None, "sha256:zz").is_err());
+        assert_ne!(import_chain_id(Some(&a), "o"), want);
         assert_ne!(import_chain_id(None, "o1"), import_chain_id(None, "o2"));
     }
 

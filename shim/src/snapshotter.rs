@@ -199,7 +199,7 @@ impl Snapshotter {
         })?;
         metadata::validate_key("name", target)?;
         metadata::validate_labels(labels)?;
-        let chain = layers::chain_id(parent_chain.as_deref(), &remote.diff_id);
+        let chain = layers::chain_id(parent_chain.as_deref(), &remote.diff_id)?;
         let owner = ly.owner(target);
         let layer = ly.acquire(remote, &chain, parent_chain.as_deref(), &owner)?;
         let created = self.meta.write(|tx| {
@@ -368,7 +368,7 @@ impl Snapshotter {
         let dir = self.layout.fs_dir(id);
         let owner = ly.owner(name);
         if let Some(remote) = RemoteLayer::from_stub_dir(&dir)? {
-            let chain = layers::chain_id(parent_chain.as_deref(), &remote.diff_id);
+            let chain = layers::chain_id(parent_chain.as_deref(), &remote.diff_id)?;
             return Ok(ly.acquire(&remote, &chain, parent_chain.as_deref(), &owner)?);
         }
         let chain = layers::import_chain_id(parent_chain.as_deref(), &owner);

@@ -215,6 +215,49 @@ impl Daemon {
         Ok(())
     }
 
+    /// Keeps the layer's index, mounts it on its lowers, and records the hold (in
+    /// memory and in holds.json). On failure nothing of it stays: the hold, the mount,
+    /// the kept index and the store references of its index digest are undone.
+    async fn install_hold(
+        &self,
+        st: &mut Holds,
+        held: &HeldLayer,
+        index: &Arc<LayerIndex>,
+        blob: &[u8],
+        slots: Vec<u64>,
+    ) -> Result<()> {
+        let chain_hex = &held.chain;
+        let res = async {
+            self.root.keep_index(&held.index_digest, blob)?;
+            let lowers = st.lowers(held.parent.as_deref())?;
+            let (root, store, c, idx) = (
+                self.root.clone(),
+                self.store.clone(),
+                chain_hex.clone(),
+                index.clone(),
+            );
+            tokio::task::spawn_blocking(move || {
+                mount_held_layer(&root, &store, &c, &idx, &slots, &lowers)
+            })
+            .await??;
+            st.layers.insert(chain_hex.clone(), held.clone());
+            st.indexes.insert(chain_hex.clone(), index.clone());
+            if let Err(e) = self.root.save_holds(&st.layers) {
+                st.layers.remove(chain_hex);
+                st.indexes.remove(chain_hex);
+                let _ = holds::remove_layer_mount(&self.root, chain_hex);
+                return Err(e);
+            }
+            Ok(())
+        }
+        .await;
+        if res.is_err() {
+            self.release_owner_if_unused(st, &held.index_digest).await;
+            holds::forget_index(&self.root, &st.layers, &held.index_digest);
+        }
+        res
+    }
+
     pub(super) async fn acquire_layer_impl(&self, a: AcquireLayer) -> Result<proto::LayerMount> {
         let chain_hex = a.chain.hex();
         let parent = a.parent.map(|p| p.hex());
@@ -303,35 +346,9 @@ impl Daemon {
             reference: a.reference.clone(),
             owners: BTreeSet::from([a.owner.clone()]),
         };
-        let res = async {
-            self.root.keep_index(&owner_name, &blob)?;
-            let lowers = st.lowers(parent.as_deref())?;
-            let (root, store, c, idx) = (
-                self.root.clone(),
-                self.store.clone(),
-                chain_hex.clone(),
-                index.clone(),
-            );
-            tokio::task::spawn_blocking(move || {
-                mount_held_layer(&root, &store, &c, &idx, &slots, &lowers)
-            })
-            .await??;
-            st.layers.insert(chain_hex.clone(), held.clone());
-            st.indexes.insert(chain_hex.clone(), index.clone());
-            if let Err(e) = self.root.save_holds(&st.layers) {
-                st.layers.remove(&chain_hex);
-                st.indexes.remove(&chain_hex);
-                let _ = holds::remove_layer_mount(&self.root, &chain_hex);
-                return Err(e);
-            }
-            Ok(())
-        }
-        .await;
-        if let Err(e) = res {
-            self.release_owner_if_unused(&st, &owner_name).await;
-            holds::forget_index(&self.root, &st.layers, &owner_name);
-            return Err(e.context(format!("acquiring layer sha256:{chain_hex}")));
-        }
+        self.install_hold(&mut st, &held, &index, &blob, slots)
+            .await
+            .with_context(|| format!("acquiring layer sha256:{chain_hex}"))?;
         self.write_mounts_file()?;
         tracing::info!(
             chain = %chain_hex,
@@ -430,35 +447,9 @@ impl Daemon {
             reference: String::new(),
             owners: BTreeSet::from([a.owner.clone()]),
         };
-        let res = async {
-            self.root.keep_index(&owner_name, &blob)?;
-            let lowers = st.lowers(parent.as_deref())?;
-            let (root, store, c, idx) = (
-                self.root.clone(),
-                self.store.clone(),
-                chain_hex.clone(),
-                index.clone(),
-            );
-            tokio::task::spawn_blocking(move || {
-                mount_held_layer(&root, &store, &c, &idx, &slots, &lowers)
-            })
-            .await??;
-            st.layers.insert(chain_hex.clone(), held.clone());
-            st.indexes.insert(chain_hex.clone(), index.clone());
-            if let Err(e) = self.root.save_holds(&st.layers) {
-                st.layers.remove(&chain_hex);
-                st.indexes.remove(&chain_hex);
-                let _ = holds::remove_layer_mount(&self.root, &chain_hex);
-                return Err(e);
-            }
-            Ok(())
-        }
-        .await;
-        if let Err(e) = res {
-            self.release_owner_if_unused(&st, &owner_name).await;
-            holds::forget_index(&self.root, &st.layers, &owner_name);
-            return Err(e.context(format!("importing layer sha256:{chain_hex}")));
-        }
+        self.install_hold(&mut st, &held, &index, &blob, slots)
+            .await
+            .with_context(|| format!("importing layer sha256:{chain_hex}"))?;
         self.write_mounts_file()?;
         let written = receipts.iter().filter(|w| w.wrote).count();
         tracing::info!(
