@@ -406,6 +406,11 @@ impl DaemonOps for Daemon {
                 "Events denied by the holder at shutdown.",
             ),
             (
+                "fanotify_read_reports_lost_total",
+                Counter::ReportsLost,
+                "Reads of present data a recording missed (the server's socket was full).",
+            ),
+            (
                 "server_starts_total",
                 Counter::ServerStarts,
                 "Server processes started by the holder.",
@@ -582,6 +587,7 @@ pub async fn run_server(cfg: Config) -> Result<()> {
                 idle: Duration::from_secs_f64(cfg.trace.idle_secs),
                 window: Duration::from_secs_f64(cfg.trace.window_secs),
                 dir: cfg.root.join("traces"),
+                list_pulled: frontend_mode() == "cachefiles",
             },
         )
     });

@@ -487,9 +487,10 @@ fn traces_merge_and_malformed_traces_change_nothing() {
     let _ = d.ctl_ok(&["umount", d.scratch("m2").to_str().unwrap()]);
 }
 
-/// With read-ahead and locality on (the defaults), a miss brings chunks the kernel never
-/// asks for later (they are present when read): the trace lists them too, so a replay on a
-/// fresh node still leaves the workload nothing to fetch.
+/// With read-ahead and locality on (the defaults), a miss brings chunks that are present
+/// when the workload reads them: the holder reports those reads while the recording runs,
+/// so the trace lists exactly the chunks read (not everything a miss pulled in), and a
+/// replay on a fresh node still leaves the workload nothing to fetch.
 #[test]
 fn a_trace_recorded_with_readahead_and_locality_covers_the_workload() {
     let fx = fixtures().unwrap();
@@ -524,9 +525,24 @@ fn a_trace_recorded_with_readahead_and_locality_covers_the_workload() {
     );
     assert!(
         got.is_superset(&want),
-        "the trace misses chunks the workload read"
+        "the trace misses {} chunks the workload read",
+        want.difference(&got).count()
+    );
+    assert!(
+        got.is_subset(&want),
+        "the trace lists {} chunks the workload never read",
+        got.difference(&want).count()
+    );
+    assert!(
+        fetched(&d1) > got.len() as u64,
+        "locality pulled in nothing beyond the chunks read: the test shows nothing"
     );
     assert_eq!(trace.entries.len(), got.len(), "no chunk listed twice");
+    assert_eq!(
+        d1.metric("dedupd_fanotify_read_reports_lost_total")
+            .unwrap(),
+        0.0
+    );
     d1.ctl_ok(&["umount", mnt.to_str().unwrap()]).unwrap();
     drop(d1);
 

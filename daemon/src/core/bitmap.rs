@@ -146,6 +146,12 @@ pub enum Counter {
     Denied = 3,
     /// Server (re)starts.
     ServerStarts = 4,
+    /// Access recordings running (set by the server): while nonzero the holder reports
+    /// reads it answered from the bitmap, so traces list what was read, not only what
+    /// missed.
+    Recordings = 5,
+    /// Reads of present data the holder could not report (the server's socket was full).
+    ReportsLost = 6,
 }
 
 #[cfg(test)]

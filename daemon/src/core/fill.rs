@@ -177,6 +177,24 @@ impl Claimed {
     }
 }
 
+/// What the access hook is told: slots a read found missing, slots a read found
+/// present (reported by the frontend), slots a miss pulled in because they are likely
+/// next.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AccessKind {
+    Miss,
+    PresentRead,
+    Pulled,
+}
+
+/// One message to the access hook.
+#[derive(Debug)]
+pub struct Access {
+    pub at: Instant,
+    pub slots: Vec<u64>,
+    pub kind: AccessKind,
+}
+
 pub struct Core {
     bitmap: Arc<SharedBitmap>,
     writer: Arc<dyn SlotWriter>,
@@ -186,8 +204,9 @@ pub struct Core {
     pub metrics: Metrics,
     persist: mpsc::UnboundedSender<Sha256>,
     opts: CoreOptions,
-    /// Told the missing slots of every on-demand miss (the trace recorder).
-    access_hook: OnceLock<mpsc::UnboundedSender<(Instant, Vec<u64>)>>,
+    /// Told the slots of every on-demand miss, what it pulled in, and reads of present
+    /// ranges the frontend reports (the trace recorder).
+    access_hook: OnceLock<mpsc::UnboundedSender<Access>>,
 }
 
 impl Core {
@@ -221,10 +240,27 @@ impl Core {
         &self.opts
     }
 
-    /// Sends the missing slots of each on-demand miss to `tx` (set once: the trace
-    /// recorder).
-    pub fn set_access_hook(&self, tx: mpsc::UnboundedSender<(Instant, Vec<u64>)>) {
+    /// Sends the slots of each on-demand miss (and what it pulled in) to `tx` (set
+    /// once: the trace recorder).
+    pub fn set_access_hook(&self, tx: mpsc::UnboundedSender<Access>) {
         let _ = self.access_hook.set(tx);
+    }
+
+    /// A frontend saw a read of `[offset, offset + len)` that needed no fetch (the
+    /// fanotify holder's fast path, while a recording runs).
+    pub fn note_present_read(&self, offset: u64, len: u64) {
+        if len == 0 {
+            return;
+        }
+        if let Some(hook) = self.access_hook.get() {
+            let first = offset / SLOT_STRIDE;
+            let last = (offset + len - 1) / SLOT_STRIDE;
+            let _ = hook.send(Access {
+                at: Instant::now(),
+                slots: (first..=last).collect(),
+                kind: AccessKind::PresentRead,
+            });
+        }
     }
 
     /// Registers a layer whose chunk `i` lives in store slot `slots[i]`.
@@ -289,6 +325,21 @@ impl Core {
             .copied()
             .filter(|s| !self.bitmap.is_present(*s))
             .collect();
+        if prio == Priority::OnDemand
+            && missing.len() < slots.len()
+            && let Some(hook) = self.access_hook.get()
+        {
+            // The present part of a read that missed elsewhere was read all the same.
+            let _ = hook.send(Access {
+                at: Instant::now(),
+                slots: slots
+                    .iter()
+                    .copied()
+                    .filter(|s| !missing.contains(s))
+                    .collect(),
+                kind: AccessKind::PresentRead,
+            });
+        }
         if missing.is_empty() {
             return Ok(());
         }
@@ -436,11 +487,19 @@ impl Core {
         if prio == Priority::OnDemand
             && let Some(hook) = self.access_hook.get()
         {
-            // A trace lists what the miss pulled in too: those chunks are read from the
-            // store later without a miss, and a replay must bring them as well.
-            let mut slots = missing.to_vec();
-            slots.extend_from_slice(&pulled);
-            let _ = hook.send((Instant::now(), slots));
+            let at = Instant::now();
+            let _ = hook.send(Access {
+                at,
+                slots: missing.to_vec(),
+                kind: AccessKind::Miss,
+            });
+            if !pulled.is_empty() {
+                let _ = hook.send(Access {
+                    at,
+                    slots: pulled,
+                    kind: AccessKind::Pulled,
+                });
+            }
         }
         let max_run = self.opts.max_run.max(self.opts.readahead);
         // Locality's requests start once the demanded chunks are in: on a slow link they

@@ -11,6 +11,7 @@ pub mod metrics;
 
 pub use bitmap::SharedBitmap;
 pub use fill::{
-    Core, CoreOptions, FillError, LayerSource, LocalityOptions, SLOT_STRIDE, SlotWriter,
+    Access, AccessKind, Core, CoreOptions, FillError, LayerSource, LocalityOptions, SLOT_STRIDE,
+    SlotWriter,
 };
 pub use gate::Priority;

@@ -2,7 +2,14 @@
 //! them. The core sends the slots of every on-demand miss through an unbounded channel
 //! (one send on the hot path); this task maps slots to chunks and chunks to images.
 //!
-//! A recording starts with an image's first miss and ends when misses stop for
+//! A miss brings neighbours that are likely next, and their later reads need no fetch.
+//! A trace must list those reads, or a replay would leave them to miss: in fanotify
+//! mode the holder reports reads of present ranges while a recording runs (the
+//! `Recordings` counter in the shared bitmap tells it), so a trace lists exactly what
+//! was read; in cachefiles mode reads of cached data never reach the daemon, so a trace
+//! lists what each miss pulled in as well.
+//!
+//! A recording starts with an image's first miss and ends when reads stop for
 //! `idle`, or `window` after it started; the trace is then written to
 //! `<dir>/sha256-<hex>.trace`. An image that already has a stored trace is not
 //! recorded again (a replayed workload misses little, and its trace would be worse).
@@ -18,7 +25,8 @@ use dedup_image::index::{EntryKind, FileData, Sha256};
 use tokio::sync::mpsc;
 
 use super::format::{Entry, Trace};
-use crate::core::Core;
+use crate::core::bitmap::Counter;
+use crate::core::{Access, AccessKind, Core};
 
 #[derive(Clone, Debug)]
 pub struct RecorderOptions {
@@ -28,6 +36,9 @@ pub struct RecorderOptions {
     pub window: Duration,
     /// Where finished traces go.
     pub dir: PathBuf,
+    /// Also list the chunks a miss pulled in (the frontend cannot report reads of
+    /// present data: cachefiles mode).
+    pub list_pulled: bool,
 }
 
 /// Where a chunk first appears in an image (for the trace's human-readable fields).
@@ -66,18 +77,17 @@ pub struct RecorderMetrics {
 }
 
 pub struct Recorder {
+    core: Arc<Core>,
     opts: RecorderOptions,
     images: Mutex<HashMap<String, ImageRec>>,
     pub metrics: RecorderMetrics,
 }
 
-/// What the core sends for each on-demand miss: when, and the missing slots.
-pub type Access = (Instant, Vec<u64>);
-
 impl Recorder {
     /// Starts the recorder task and hooks it to the core's on-demand misses.
     pub fn start(core: Arc<Core>, opts: RecorderOptions) -> Arc<Recorder> {
         let rec = Arc::new(Recorder {
+            core: core.clone(),
             opts,
             images: Mutex::new(HashMap::new()),
             metrics: RecorderMetrics::default(),
@@ -176,7 +186,10 @@ impl Recorder {
         )
     }
 
-    fn record(&self, at: Instant, digests: &[Sha256]) {
+    fn record(&self, at: Instant, digests: &[Sha256], kind: AccessKind) {
+        if kind == AccessKind::Pulled && !self.opts.list_pulled {
+            return;
+        }
         let mut images = self.images.lock().expect("recorder lock");
         for (manifest, img) in images.iter_mut() {
             for d in digests {
@@ -184,6 +197,11 @@ impl Recorder {
                     continue;
                 };
                 if matches!(img.phase, Phase::Waiting) {
+                    // Only a miss starts a recording: reads of present data belong to
+                    // an image that already ran here (or had its trace replayed).
+                    if kind != AccessKind::Miss {
+                        break;
+                    }
                     let created = SystemTime::now()
                         .duration_since(SystemTime::UNIX_EPOCH)
                         .map(|d| d.as_secs())
@@ -218,6 +236,19 @@ impl Recorder {
                 }
             }
         }
+        self.publish_recordings(&images);
+    }
+
+    /// Tells the frontend whether reads of present data are worth reporting.
+    fn publish_recordings(&self, images: &HashMap<String, ImageRec>) {
+        let running = images
+            .values()
+            .filter(|i| matches!(i.phase, Phase::Recording { .. }))
+            .count() as u64;
+        self.core
+            .bitmap()
+            .counter(Counter::Recordings)
+            .store(running, Ordering::Relaxed);
     }
 
     /// Ends the recordings that went quiet or ran out of time, and writes them.
@@ -235,6 +266,9 @@ impl Recorder {
                     trace.header.complete = true;
                     done.push((manifest.clone(), trace));
                 }
+            }
+            if !done.is_empty() {
+                self.publish_recordings(&images);
             }
         }
         for (manifest, trace) in done {
@@ -293,12 +327,12 @@ async fn run(core: Arc<Core>, rec: Arc<Recorder>, mut rx: mpsc::UnboundedReceive
     loop {
         tokio::select! {
             m = rx.recv() => {
-                let Some((at, slots)) = m else { return };
+                let Some(Access { at, slots, kind }) = m else { return };
                 let digests: Vec<Sha256> = slots
                     .iter()
                     .filter_map(|s| core.describe_slot(*s).map(|(d, _, _)| d))
                     .collect();
-                rec.record(at, &digests);
+                rec.record(at, &digests, kind);
             }
             _ = interval.tick() => rec.finish_due(Instant::now()),
         }

@@ -12,7 +12,8 @@
 //! event twice is harmless (the second answer gets ENOENT).
 //!
 //! Message format on the SOCK_SEQPACKET pair (native endianness):
-//! holder → server: `[fd i32][kind u32][offset u64][count u64]` (kind 0 event, 1 stop);
+//! holder → server: `[fd i32][kind u32][offset u64][count u64]` (kind 0 event, 1 stop,
+//! 2 a read the holder allowed, reported while a recording runs);
 //! server → holder: `[fd i32][response u32]`, the event was answered.
 
 use std::collections::BTreeMap;
@@ -41,6 +42,7 @@ pub const ENV_FRESH_BITMAP: &str = "DEDUPD_FRESH_BITMAP";
 
 pub const MSG_EVENT: u32 = 0;
 pub const MSG_STOP: u32 = 1;
+pub const MSG_PRESENT_READ: u32 = 2;
 pub const EVENT_MSG_LEN: usize = 24;
 pub const ANSWER_MSG_LEN: usize = 8;
 
@@ -389,7 +391,24 @@ fn handle_event(
         bitmap
             .counter(Counter::FastPath)
             .fetch_add(1, Ordering::Relaxed);
-        return answer(sys::FAN_ALLOW);
+        answer(sys::FAN_ALLOW);
+        if bitmap.counter(Counter::Recordings).load(Ordering::Relaxed) > 0
+            && let Some(s) = server
+        {
+            // After the answer: the reader goes on while the server takes note.
+            // Best effort: a full socket loses a trace entry, never a reader's answer.
+            if try_send(
+                &s.socket,
+                &encode_event(-1, MSG_PRESENT_READ, offset, count),
+            )
+            .is_err()
+            {
+                bitmap
+                    .counter(Counter::ReportsLost)
+                    .fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        return;
     }
     if stopping && server.is_none() {
         bitmap
@@ -409,6 +428,12 @@ fn handle_event(
 pub(crate) fn send(socket: &OwnedFd, msg: &[u8]) {
     // A full socket buffer or a dead server loses nothing: the event stays in
     // `inflight` and is sent again to the next server.
+    if let Err(e) = try_send(socket, msg) {
+        tracing::warn!(error = %e, "forwarding an event to the server failed");
+    }
+}
+
+fn try_send(socket: &OwnedFd, msg: &[u8]) -> io::Result<()> {
     // SAFETY: msg is valid for msg.len() bytes.
     let n = unsafe {
         libc::send(
@@ -419,8 +444,9 @@ pub(crate) fn send(socket: &OwnedFd, msg: &[u8]) {
         )
     };
     if n < 0 {
-        tracing::warn!(error = %io::Error::last_os_error(), "forwarding an event to the server failed");
+        return Err(io::Error::last_os_error());
     }
+    Ok(())
 }
 
 pub(crate) fn reap(server: &mut Option<Server>) {
@@ -439,6 +465,24 @@ pub(crate) fn spawn_server(
 ) -> Result<Server> {
     let (ours, theirs) = seqpacket_pair().context("socketpair")?;
     set_nonblocking(ours.as_fd())?;
+    // Room for bursts of read reports while the server is busy (the default holds a
+    // few hundred messages); root may go past wmem_max.
+    let room: libc::c_int = 8 << 20;
+    for opt in [libc::SO_SNDBUFFORCE, libc::SO_SNDBUF] {
+        // SAFETY: setsockopt with a c_int option value on our own socket.
+        let rc = unsafe {
+            libc::setsockopt(
+                ours.as_raw_fd(),
+                libc::SOL_SOCKET,
+                opt,
+                (&room as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if rc == 0 {
+            break;
+        }
+    }
     let Some((exe, args)) = cfg.server.split_first() else {
         bail!("empty server command")
     };

@@ -10,7 +10,9 @@ use tokio::io::Interest;
 use tokio::io::unix::AsyncFd;
 use tokio::sync::Notify;
 
-use super::holder::{ANSWER_MSG_LEN, MSG_EVENT, MSG_STOP, decode_event, encode_answer};
+use super::holder::{
+    ANSWER_MSG_LEN, MSG_EVENT, MSG_PRESENT_READ, MSG_STOP, decode_event, encode_answer,
+};
 use super::sys;
 use crate::core::{Core, Priority};
 
@@ -62,6 +64,7 @@ pub async fn serve(
                 stop.notify_waiters();
                 return Ok(());
             }
+            MSG_PRESENT_READ => core.note_present_read(offset, count),
             MSG_EVENT => {
                 let core = core.clone();
                 let group = group.clone();
