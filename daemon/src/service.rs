@@ -57,6 +57,7 @@ impl SlotWriter for StoreWriter {
     }
 }
 
+mod held_traces;
 mod layers;
 
 /// A registered image.
@@ -78,6 +79,8 @@ pub struct Daemon {
     recorder: Option<Arc<Recorder>>,
     /// Layers held for clients (AcquireLayer, ImportLayer); see `layers`.
     layers: tokio::sync::Mutex<layers::Holds>,
+    /// Traces of images known through held layers; see `held_traces`.
+    held_traces: held_traces::HeldTraces,
 }
 
 impl Daemon {
@@ -427,6 +430,7 @@ impl DaemonOps for Daemon {
         if let Some(rec) = &self.recorder {
             rec.render_metrics(&mut out);
         }
+        self.held_traces.render_metrics(&mut out);
         if let Ok(st) = self.store.stats() {
             let _ = writeln!(
                 out,
@@ -442,10 +446,20 @@ impl DaemonOps for Daemon {
     }
 
     async fn export_trace(&self, reference: &str) -> Result<Vec<u8>> {
-        let image = self.registered(reference).await.ok_or_else(|| {
-            OpError::not_found(format!("{reference} is not registered with this dedupd"))
-        })?;
-        let manifest = image.manifest_digest.to_string();
+        // A registered image, else an image whose layers are held (by reference or
+        // manifest digest).
+        let manifest = match self.registered(reference).await {
+            Some(image) => image.manifest_digest.to_string(),
+            None => self
+                .recorder
+                .as_ref()
+                .and_then(|r| r.find(reference))
+                .ok_or_else(|| {
+                    OpError::not_found(format!(
+                        "{reference} is neither registered with this dedupd nor an image whose layers it holds"
+                    ))
+                })?,
+        };
         let stored = match &self.recorder {
             Some(rec) => rec.export(&manifest)?,
             None => match std::fs::read(Recorder::path_for(&self.traces_dir(), &manifest)) {
@@ -601,6 +615,7 @@ pub async fn run_server(cfg: Config) -> Result<()> {
         mounts_file,
         recorder,
         layers: Default::default(),
+        held_traces: Default::default(),
     });
     reregister(&daemon).await;
     daemon.restore_holds().await;

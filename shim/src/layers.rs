@@ -45,6 +45,9 @@ pub const TARGET_LABEL: &str = "containerd.io/snapshot.ref";
 /// The image reference CRI (and containerd 2.x with `enable_remote_snapshot_annotations`)
 /// passes; dedupd names traces and logs by it.
 pub const IMAGE_REF_LABEL: &str = "containerd.io/snapshot/cri.image-ref";
+/// The digest of the image manifest being unpacked, passed beside the image reference:
+/// dedupd records and replays the image's access trace by it.
+pub const MANIFEST_DIGEST_LABEL: &str = "containerd.io/snapshot/cri.manifest-digest";
 
 /// A dedupd call that failed.
 #[derive(Debug, thiserror::Error)]
@@ -60,6 +63,8 @@ pub enum Error {
 pub struct RemoteLayer {
     /// Image reference, when the labels carry one.
     pub reference: String,
+    /// Image manifest digest, when the labels carry one.
+    pub manifest_digest: String,
     pub repository: String,
     pub index_digest: String,
     /// diff_id of the original layer.
@@ -84,8 +89,13 @@ impl RemoteLayer {
             Ok(r) if !reference.is_empty() => format!("{}/{}", r.registry, r.repository),
             _ => get(ann::ANN_SOURCE_REPOSITORY)?,
         };
+        let manifest_digest = labels
+            .get(MANIFEST_DIGEST_LABEL)
+            .cloned()
+            .unwrap_or_default();
         let r = RemoteLayer {
             reference,
+            manifest_digest,
             repository,
             index_digest: index.clone(),
             diff_id: get(ann::ANN_DIFF_ID)?,
@@ -138,6 +148,7 @@ impl RemoteLayer {
         }
         Ok(Some(RemoteLayer {
             reference: String::new(),
+            manifest_digest: String::new(),
             repository: stub.repository,
             index_digest: stub.layer_index,
             diff_id: stub.diff_id,
@@ -150,6 +161,14 @@ impl RemoteLayer {
             ("diff_id", &self.diff_id),
         ] {
             Digest::parse(d).map_err(|e| Error::Invalid(format!("{what} {d:?}: {e}")))?;
+        }
+        if !self.manifest_digest.is_empty() {
+            Digest::parse(&self.manifest_digest).map_err(|e| {
+                Error::Invalid(format!(
+                    "label {MANIFEST_DIGEST_LABEL} {:?}: {e}",
+                    self.manifest_digest
+                ))
+            })?;
         }
         if !self.repository.contains('/') || self.repository.starts_with('/') {
             return Err(Error::Invalid(format!(
@@ -305,6 +324,7 @@ impl Layers {
             plain_http: self.insecure.iter().any(|h| h == remote.host()),
             owner: owner.to_string(),
             reference: remote.reference.clone(),
+            manifest_digest: remote.manifest_digest.clone(),
         };
         let m = self.call(
             "AcquireLayer",
@@ -433,6 +453,20 @@ mod tests {
             (r.repository.as_str(), r.host()),
             ("127.0.0.1:7/mirror/x", "127.0.0.1:7")
         );
+        // The manifest digest names the image's trace; a malformed one is refused.
+        let m = format!("sha256:{}", "ab".repeat(32));
+        l.insert(MANIFEST_DIGEST_LABEL.to_string(), m.clone());
+        assert_eq!(
+            RemoteLayer::from_labels(&l)
+                .unwrap()
+                .unwrap()
+                .manifest_digest,
+            m
+        );
+        l.insert(MANIFEST_DIGEST_LABEL.to_string(), "sha256:ab".into());
+        let e = RemoteLayer::from_labels(&l).unwrap_err().to_string();
+        assert!(e.contains(MANIFEST_DIGEST_LABEL), "{e}");
+        l.remove(MANIFEST_DIGEST_LABEL);
         l.remove(IMAGE_REF_LABEL);
         l.insert(ann::ANN_DIFF_ID.to_string(), "sha256:zz".into());
         assert!(RemoteLayer::from_labels(&l).is_err());

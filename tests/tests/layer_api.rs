@@ -121,6 +121,7 @@ fn acquire_requests(
             plain_http: true,
             owner: owner.to_string(),
             reference: String::new(),
+            manifest_digest: String::new(),
         })
         .collect()
 }
@@ -427,6 +428,9 @@ fn acquire_read_share_release_and_refuse_bad_requests() {
     let mut r = bottom.clone();
     r.repository = "layers/debian".into();
     refused(&mut api, r, Code::InvalidArgument, "repository");
+    let mut r = bottom.clone();
+    r.manifest_digest = "sha256:not-hex".into();
+    refused(&mut api, r, Code::InvalidArgument, "manifest_digest");
     let mut r = bottom.clone();
     r.index_digest = format!("sha256:{}", "0".repeat(64));
     refused(&mut api, r, Code::NotFound, "index_digest");

@@ -8,11 +8,15 @@
 //!   is deduplicated at commit: its chunks land on the store slots the converted
 //!   image already filled;
 //! - the shim restarts while a container runs: the container keeps running, state is
-//!   intact, and new containers start.
+//!   intact, and new containers start;
+//! - a trace recorded on one node (through the held layers, or by dedupd alone) leaves
+//!   another node's container nothing to miss.
 
+use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use dedup_daemon::trace::Trace;
 use dedup_image::convert::{ConvertOptions, convert_image, host_platform};
 use dedup_image::converted::{self, ConvertedImage};
 use dedup_image::endpoint::Endpoint;
@@ -56,7 +60,11 @@ struct Node {
 impl Node {
     fn start(version: Version) -> Node {
         require_root("containerd, runc, dedupd and EROFS mounts");
-        let reg = Registry::start().unwrap();
+        Node::with_registry(version, Registry::start().unwrap())
+    }
+
+    /// A node with fresh roots that pulls from `reg`.
+    fn with_registry(version: Version, reg: Registry) -> Node {
         // Locality prefetch off: what a run fetches is then exactly what it read, the
         // figure this test prints (benches/ measure the default, locality on).
         let cfg = tempfile::NamedTempFile::new().unwrap();
@@ -434,6 +442,105 @@ fn trace_from_another_node_leaves_the_container_nothing_to_miss() {
         "trace from node 1 ({recorder_misses} misses there) replayed on node 2 in {:.2} s; ctr run w1 {:.2} s with {misses} on-demand misses",
         replay.as_secs_f64(),
         run.as_secs_f64()
+    );
+    assert_eq!(misses, 0.0, "the container's run still missed chunks");
+}
+
+/// The snapshotter's own path, end to end: containerd 2.1 runs w1 on node 1, dedupd
+/// records the trace through the held layers (the image named by containerd's
+/// manifest-digest label), `dedupctl trace push` stores it beside the image; node 2,
+/// never having run the image, finds it in the registry while containerd pulls and
+/// replays it layer by layer: its run misses nothing, and nobody ran trace-replay.
+#[test]
+fn trace_recorded_under_containerd_is_found_in_the_registry_by_the_next_node() {
+    let fx = fixtures().unwrap();
+    let node1 = Node::start(Version::V2_1);
+    let (image, conv) = convert(&fx, &node1.reg, "dedup/py-shared-trace", "py");
+    let manifest = conv.manifest_digest.to_string();
+
+    node1.pull(&image);
+    assert_eq!(node1.run(&image, "w1", &["python3", "-c", W1]).trim(), "ok");
+    let recorded = |n: &Node| n.metric("dedupd_traces_recorded_total");
+    let start = Instant::now();
+    while recorded(&node1) < 1.0 {
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "no trace recorded for the held layers\n--- shim ---\n{}\n--- dedupd ---\n{}",
+            node1.shim.log(),
+            node1.dedupd.log()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let keep = tempfile::tempdir_in("/var/tmp").unwrap();
+    let file = keep.path().join("w1.trace");
+    // By manifest digest, and by the reference containerd passed.
+    node1
+        .dedupd
+        .ctl_ok(&["trace", "export", &manifest, file.to_str().unwrap()])
+        .unwrap();
+    let by_ref = keep.path().join("by-ref.trace");
+    node1
+        .dedupd
+        .ctl_ok(&["trace", "export", &image, by_ref.to_str().unwrap()])
+        .unwrap();
+    assert_eq!(
+        std::fs::read(&file).unwrap(),
+        std::fs::read(&by_ref).unwrap()
+    );
+    let trace = Trace::parse(&std::fs::read(&file).unwrap()).unwrap();
+    let layers: BTreeSet<&str> = trace.entries.iter().map(|e| e.layer.as_str()).collect();
+    println!(
+        "node 1: trace of {} chunks over {} layers, {} misses",
+        trace.entries.len(),
+        layers.len(),
+        node1.metric("dedupd_misses_total")
+    );
+    node1
+        .dedupd
+        .ctl_ok(&[
+            "trace",
+            "push",
+            "--plain-http",
+            file.to_str().unwrap(),
+            &image,
+        ])
+        .unwrap();
+    let Node {
+        reg,
+        dedupd,
+        shim,
+        ctd,
+    } = node1;
+    drop((ctd, shim, dedupd));
+
+    let node2 = Node::with_registry(Version::V2_1, reg);
+    let t = Instant::now();
+    node2.pull(&image);
+    let pulled = t.elapsed();
+    let start = Instant::now();
+    loop {
+        let started = node2.metric("dedupd_held_trace_replays_started_total");
+        let finished = node2.metric("dedupd_held_trace_replays_finished_total");
+        if started >= layers.len() as f64 && finished == started {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "replays: {started} started, {finished} finished, {} layers in the trace\n--- dedupd ---\n{}",
+            layers.len(),
+            node2.dedupd.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let replayed = t.elapsed();
+    let misses_before = node2.metric("dedupd_misses_total");
+    let out = node2.run(&image, "w1", &["python3", "-c", W1]);
+    assert_eq!(out.trim(), "ok");
+    let misses = node2.metric("dedupd_misses_total") - misses_before;
+    println!(
+        "node 2: pull {:.2} s, trace replayed {:.2} s after the pull started, ctr run w1 with {misses} on-demand misses",
+        pulled.as_secs_f64(),
+        replayed.as_secs_f64()
     );
     assert_eq!(misses, 0.0, "the container's run still missed chunks");
 }

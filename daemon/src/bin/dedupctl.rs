@@ -97,6 +97,13 @@ enum LayerCommand {
         /// Chain ID of this layer; computed from --parent and DIFF_ID when omitted.
         #[arg(long)]
         chain: Option<String>,
+        /// Digest of the image manifest the layer belongs to: the layer's reads join
+        /// that image's access trace, and a trace stored for it is replayed.
+        #[arg(long, default_value = "")]
+        manifest: String,
+        /// Image reference (names the trace and logs).
+        #[arg(long, default_value = "")]
+        reference: String,
         /// host/path of the repository holding the layer index and its packs.
         repository: String,
         /// Digest of the layer index blob.
@@ -505,6 +512,8 @@ async fn layer_command(socket: &std::path::Path, cmd: LayerCommand) -> Result<()
             owner,
             parent,
             chain,
+            manifest,
+            reference,
             repository,
             index_digest,
             diff_id,
@@ -529,7 +538,8 @@ async fn layer_command(socket: &std::path::Path, cmd: LayerCommand) -> Result<()
                     parent_chain_id: parent,
                     plain_http,
                     owner,
-                    reference: String::new(),
+                    reference,
+                    manifest_digest: manifest,
                 },
             )
             .await

@@ -111,6 +111,8 @@ pub struct AcquireLayer {
     pub owner: String,
     /// Possibly empty.
     pub reference: String,
+    /// The image manifest the layer belongs to, when the caller knows it.
+    pub manifest: Option<Sha256>,
 }
 
 /// A validated ImportLayer request.

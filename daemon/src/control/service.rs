@@ -190,6 +190,7 @@ impl Daemon for ControlService {
                 validate::reference("reference", &r.reference)?;
             }
             validate::chain_id("chain_id", &chain, parent.as_ref(), &diff_id)?;
+            let manifest = validate::optional_digest("manifest_digest", &r.manifest_digest)?;
             Ok(AcquireLayer {
                 repository: r.repository,
                 index_digest,
@@ -199,6 +200,7 @@ impl Daemon for ControlService {
                 plain_http: r.plain_http,
                 owner: r.owner,
                 reference: r.reference,
+                manifest,
             })
         })()
         .map_err(|e| rejected(M, e))?;

@@ -169,7 +169,7 @@ impl Daemon {
         chain_hex: &str,
         parent: Option<&str>,
         owner: &str,
-    ) -> Result<proto::LayerMount> {
+    ) -> Result<(proto::LayerMount, Arc<LayerIndex>)> {
         let h = &st.layers[chain_hex];
         if h.parent.as_deref() != parent {
             return Err(OpError::invalid_argument(format!(
@@ -198,7 +198,7 @@ impl Daemon {
                 "layer sha256:{chain_hex} is held but its index could not be loaded (see the log)"
             )
         })?;
-        Ok(self.layer_mount(h, &index, 0, (0, 0)))
+        Ok((self.layer_mount(h, &index, 0, (0, 0)), index))
     }
 
     fn check_parent(st: &Holds, parent: Option<&str>) -> Result<()> {
@@ -259,6 +259,17 @@ impl Daemon {
     }
 
     pub(super) async fn acquire_layer_impl(&self, a: AcquireLayer) -> Result<proto::LayerMount> {
+        let (mount, index) = self.hold_remote_layer(&a).await?;
+        self.held_layer_of_image(&a, &index);
+        Ok(mount)
+    }
+
+    /// Holds the layer for `a.owner`: mounted already, or fetched, registered and
+    /// mounted now.
+    async fn hold_remote_layer(
+        &self,
+        a: &AcquireLayer,
+    ) -> Result<(proto::LayerMount, Arc<LayerIndex>)> {
         let chain_hex = a.chain.hex();
         let parent = a.parent.map(|p| p.hex());
         let mut st = self.layers.lock().await;
@@ -266,7 +277,6 @@ impl Daemon {
             return self.hold_again(&mut st, &chain_hex, parent.as_deref(), &a.owner);
         }
         Self::check_parent(&st, parent.as_deref())?;
-
         let endpoint = Arc::new(
             Endpoint::parse(&a.repository, &self.client_options(a.plain_http))
                 .map_err(|e| OpError::invalid_argument(format!("repository: {e}")))?,
@@ -358,7 +368,8 @@ impl Daemon {
             index_bytes = blob.len(),
             "layer acquired"
         );
-        Ok(self.layer_mount(&held, &index, blob.len() as u64, (0, 0)))
+        let mount = self.layer_mount(&held, &index, blob.len() as u64, (0, 0));
+        Ok((mount, index))
     }
 
     pub(super) async fn import_layer_impl(&self, a: ImportLayer) -> Result<proto::LayerMount> {
@@ -366,7 +377,9 @@ impl Daemon {
         let parent = a.parent.map(|p| p.hex());
         let mut st = self.layers.lock().await;
         if st.layers.contains_key(&chain_hex) {
-            return self.hold_again(&mut st, &chain_hex, parent.as_deref(), &a.owner);
+            return self
+                .hold_again(&mut st, &chain_hex, parent.as_deref(), &a.owner)
+                .map(|(m, _)| m);
         }
         Self::check_parent(&st, parent.as_deref())?;
         match std::fs::symlink_metadata(&a.directory) {

@@ -21,7 +21,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use dedup_image::converted::ConvertedImage;
-use dedup_image::index::{EntryKind, FileData, Sha256};
+use dedup_image::index::{EntryKind, FileData, LayerIndex, Sha256};
 use tokio::sync::mpsc;
 
 use super::format::{Entry, Trace};
@@ -110,52 +110,53 @@ impl Recorder {
     /// Starts watching an image (idempotent per manifest digest).
     pub fn add_image(&self, reference: &str, image: &ConvertedImage) {
         let manifest = image.manifest_digest.to_string();
-        if self
-            .images
-            .lock()
-            .expect("recorder lock")
-            .contains_key(&manifest)
-        {
+        let mut images = self.images.lock().expect("recorder lock");
+        if images.contains_key(&manifest) {
             return;
         }
-        let mut chunks = HashMap::new();
+        let mut rec = self.new_image(&manifest, reference);
         for (desc, index) in &image.layers {
-            let layer: Arc<str> = desc.digest.to_string().into();
-            for e in &index.entries {
-                let EntryKind::File {
-                    data: FileData::Chunks(ids),
-                    ..
-                } = &e.kind
-                else {
-                    continue;
-                };
-                let path: Arc<str> = String::from_utf8_lossy(&e.path).into();
-                let mut offset = 0u64;
-                for &id in ids {
-                    let c = &index.chunks[id as usize];
-                    chunks.entry(c.digest).or_insert_with(|| Where {
-                        layer: layer.clone(),
-                        path: path.clone(),
-                        offset,
-                        size: c.size,
-                    });
-                    offset += c.size as u64;
-                }
-            }
+            add_layer_chunks(&mut rec.chunks, desc.digest.as_ref(), index);
         }
-        let phase = if self.stored_path(&manifest).exists() {
+        images.insert(manifest, rec);
+    }
+
+    /// Watches one layer of an image known by its manifest digest only (a layer held
+    /// for the snapshotter): its chunks join the image's recording.
+    pub fn add_layer(&self, manifest: &str, reference: &str, layer: &str, index: &LayerIndex) {
+        let mut images = self.images.lock().expect("recorder lock");
+        let rec = images
+            .entry(manifest.to_string())
+            .or_insert_with(|| self.new_image(manifest, reference));
+        if rec.reference.is_empty() && !reference.is_empty() {
+            rec.reference = reference.to_string();
+        }
+        add_layer_chunks(&mut rec.chunks, layer, index);
+    }
+
+    /// The manifest digest of a watched image named `reference` (or by its digest).
+    pub fn find(&self, reference: &str) -> Option<String> {
+        let images = self.images.lock().expect("recorder lock");
+        if images.contains_key(reference) {
+            return Some(reference.to_string());
+        }
+        images
+            .iter()
+            .find(|(_, i)| i.reference == reference)
+            .map(|(m, _)| m.clone())
+    }
+
+    fn new_image(&self, manifest: &str, reference: &str) -> ImageRec {
+        let phase = if self.stored_path(manifest).exists() {
             Phase::Done
         } else {
             Phase::Waiting
         };
-        self.images.lock().expect("recorder lock").insert(
-            manifest,
-            ImageRec {
-                chunks,
-                phase,
-                reference: reference.to_string(),
-            },
-        );
+        ImageRec {
+            chunks: HashMap::new(),
+            phase,
+            reference: reference.to_string(),
+        }
     }
 
     /// The trace of an image: the running recording (marked incomplete) or the stored
@@ -316,6 +317,32 @@ impl Recorder {
                 "# HELP dedupd_{name} {help}\n# TYPE dedupd_{name} counter\ndedupd_{name} {}",
                 v.load(Ordering::Relaxed)
             );
+        }
+    }
+}
+
+/// Where each chunk of `index` first appears, for chunks not seen in earlier layers.
+fn add_layer_chunks(chunks: &mut HashMap<Sha256, Where>, layer: &str, index: &LayerIndex) {
+    let layer: Arc<str> = layer.into();
+    for e in &index.entries {
+        let EntryKind::File {
+            data: FileData::Chunks(ids),
+            ..
+        } = &e.kind
+        else {
+            continue;
+        };
+        let path: Arc<str> = String::from_utf8_lossy(&e.path).into();
+        let mut offset = 0u64;
+        for &id in ids {
+            let c = &index.chunks[id as usize];
+            chunks.entry(c.digest).or_insert_with(|| Where {
+                layer: layer.clone(),
+                path: path.clone(),
+                offset,
+                size: c.size,
+            });
+            offset += c.size as u64;
         }
     }
 }

@@ -33,14 +33,28 @@ pub fn plan(store: &Store, image: &ConvertedImage, trace: &Trace) -> Result<Plan
         .iter()
         .flat_map(|(_, i)| i.chunks.iter().map(|c| c.digest))
         .collect();
+    let (in_image, not_in_image): (Vec<Sha256>, Vec<Sha256>) =
+        trace.digests().partition(|d| ours.contains(d));
+    let mut p = plan_chunks(store, in_image)?;
+    p.not_in_image = not_in_image.len();
+    Ok(p)
+}
+
+/// The entries of `trace` found in layer `layer` (an index digest), in trace order.
+pub fn layer_entries<'t>(trace: &'t Trace, layer: &'t str) -> impl Iterator<Item = Sha256> + 't {
+    trace
+        .entries
+        .iter()
+        .filter(move |e| e.layer == layer)
+        .filter_map(|e| Sha256::parse(&e.digest))
+}
+
+/// Maps chunks to their store slots, in order, once each (blocking: queries SQLite).
+/// Chunks the store has no slot for are skipped.
+pub fn plan_chunks(store: &Store, chunks: impl IntoIterator<Item = Sha256>) -> Result<Plan> {
     let mut slots = Vec::new();
     let mut seen = HashSet::new();
-    let mut not_in_image = 0;
-    for d in trace.digests() {
-        if !ours.contains(&d) {
-            not_in_image += 1;
-            continue;
-        }
+    for d in chunks {
         if let Some(info) = store.locate(&d)?
             && seen.insert(info.slot)
         {
@@ -49,7 +63,7 @@ pub fn plan(store: &Store, image: &ConvertedImage, trace: &Trace) -> Result<Plan
     }
     Ok(Plan {
         slots,
-        not_in_image,
+        not_in_image: 0,
     })
 }
 

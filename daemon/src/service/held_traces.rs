@@ -1,0 +1,184 @@
+//! Access traces of images known only through their held layers (the snapshotter's
+//! path, where no image is registered). The caller names the image by its manifest
+//! digest: the layer's chunks join that image's recording, and the image's trace,
+//! stored on this node or in the registry beside the image (`dedupctl trace push`), is
+//! replayed one layer at a time as the layers are acquired, so prefetching starts
+//! while containerd is still pulling the image.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use dedup_image::endpoint::Endpoint;
+use dedup_image::index::LayerIndex;
+use dedup_image::registry::ClientOptions;
+use tokio::sync::OnceCell;
+
+use super::Daemon;
+use crate::control::AcquireLayer;
+use crate::trace::{Recorder, Trace, registry, replay};
+
+/// An image's trace once looked up: None when it has none.
+type Found = Arc<OnceCell<Option<Arc<Trace>>>>;
+
+/// The trace found for each image manifest (or that none was), looked up once.
+#[derive(Default)]
+pub(super) struct HeldTraces {
+    found: Mutex<HashMap<String, Found>>,
+    counts: Arc<ReplayCounts>,
+}
+
+/// Layer replays started and finished.
+#[derive(Default)]
+struct ReplayCounts {
+    started: AtomicU64,
+    finished: AtomicU64,
+}
+
+impl HeldTraces {
+    pub(super) fn render_metrics(&self, out: &mut String) {
+        use std::fmt::Write as _;
+        for (name, v, help) in [
+            (
+                "held_trace_replays_started_total",
+                &self.counts.started,
+                "Trace replays started for held layers (a layer of an image with a trace).",
+            ),
+            (
+                "held_trace_replays_finished_total",
+                &self.counts.finished,
+                "Trace replays for held layers that ran to the end.",
+            ),
+        ] {
+            let _ = writeln!(
+                out,
+                "# HELP dedupd_{name} {help}\n# TYPE dedupd_{name} counter\ndedupd_{name} {}",
+                v.load(Ordering::Relaxed)
+            );
+        }
+    }
+
+    fn cell(&self, manifest: &str) -> Found {
+        self.found
+            .lock()
+            .expect("held traces lock")
+            .entry(manifest.to_string())
+            .or_default()
+            .clone()
+    }
+}
+
+impl Daemon {
+    /// A layer of the image `a.manifest` is held: record its reads into the image's
+    /// trace, and replay the image's trace for it.
+    pub(super) fn held_layer_of_image(&self, a: &AcquireLayer, index: &Arc<LayerIndex>) {
+        let Some(manifest) = a.manifest else {
+            return;
+        };
+        let manifest = manifest.oci();
+        let layer = a.index_digest.oci();
+        if let Some(rec) = &self.recorder {
+            rec.add_layer(&manifest, &a.reference, &layer, index);
+        }
+        if !self.cfg.prefetch.auto_replay {
+            return;
+        }
+        let cell = self.held_traces.cell(&manifest);
+        let counts = self.held_traces.counts.clone();
+        let store = self.store.clone();
+        let core = self.core.clone();
+        let concurrency = self.cfg.prefetch.concurrency;
+        let dir = self.traces_dir();
+        let repository = a.repository.clone();
+        let options = self.client_options(a.plain_http);
+        let name = if a.reference.is_empty() {
+            format!("{}@{manifest}", a.repository)
+        } else {
+            a.reference.clone()
+        };
+        tokio::spawn(async move {
+            let trace = cell
+                .get_or_init(|| find_trace(dir, &manifest, &repository, options, &name))
+                .await
+                .clone();
+            let Some(trace) = trace else {
+                return;
+            };
+            let chunks: Vec<_> = replay::layer_entries(&trace, &layer).collect();
+            if chunks.is_empty() {
+                return;
+            }
+            let plan = match tokio::task::spawn_blocking(move || {
+                replay::plan_chunks(&store, chunks)
+            })
+            .await
+            {
+                Ok(Ok(p)) => p,
+                Ok(Err(e)) => {
+                    tracing::warn!(image = %name, layer, error = %format!("{e:#}"), "planning a trace replay failed");
+                    return;
+                }
+                Err(e) => {
+                    tracing::warn!(image = %name, layer, error = %e, "planning a trace replay failed");
+                    return;
+                }
+            };
+            tracing::info!(image = %name, layer, chunks = plan.slots.len(), "replaying the image's access trace for a held layer");
+            counts.started.fetch_add(1, Ordering::Relaxed);
+            replay::run(core, plan, concurrency, |_| {}).await;
+            counts.finished.fetch_add(1, Ordering::Relaxed);
+        });
+    }
+}
+
+/// The image's trace: the one recorded here, else the newest stored beside the image
+/// in its registry. None (logged) when there is none or it cannot be read.
+async fn find_trace(
+    dir: PathBuf,
+    manifest: &str,
+    repository: &str,
+    options: ClientOptions,
+    name: &str,
+) -> Option<Arc<Trace>> {
+    if let Some(t) = local_trace(&dir, manifest, name) {
+        return Some(Arc::new(t));
+    }
+    let image = format!("{repository}@{manifest}");
+    let ep = match Endpoint::parse(&image, &options) {
+        Ok(ep) => ep,
+        Err(e) => {
+            tracing::warn!(image = %name, error = %e, "no trace lookup in the registry");
+            return None;
+        }
+    };
+    match registry::pull(&ep, &image).await {
+        Ok(p) => {
+            tracing::info!(image = %name, chunks = p.trace.entries.len(), trace = %p.manifest, "access trace found in the registry");
+            Some(Arc::new(p.trace))
+        }
+        Err(e) => {
+            tracing::info!(image = %name, reason = %format!("{e:#}"), "no access trace in the registry");
+            None
+        }
+    }
+}
+
+fn local_trace(dir: &Path, manifest: &str, name: &str) -> Option<Trace> {
+    let path = Recorder::path_for(dir, manifest);
+    let bytes = match std::fs::read(&path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return None,
+        Err(e) => {
+            tracing::warn!(image = %name, path = %path.display(), error = %e, "reading a stored trace failed");
+            return None;
+        }
+    };
+    match Trace::parse(&bytes) {
+        Ok(t) => Some(t),
+        Err(e) => {
+            tracing::warn!(image = %name, path = %path.display(), error = %format!("{e:#}"), "stored trace is unusable; not replayed");
+            None
+        }
+    }
+}
