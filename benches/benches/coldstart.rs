@@ -20,13 +20,17 @@
 //! unoptimized eStargz and with eStargz optimized for w1, soci-snapshotter with a SOCI v1
 //! index. SOCI fetches its index over HTTPS only, so its image reference names a TLS
 //! front (socat) of the same registry, behind the same link. Then dedup-snapshotter +
-//! dedupd (containerd 2.1, the image converted by dedup_image::convert): lazy on an empty
-//! node root without a trace, and warm (chunks already in the node store); a failure of
-//! these rows is printed as a note and does not stop the run. The row "dedup with trace"
-//! is not measured yet (see `System`).
+//! dedupd (containerd 2.1, the image converted by dedup_image::convert, default
+//! configuration): lazy on an empty node root without a trace (recording on, and off:
+//! the ratio is the recording's cost), with a trace recorded on another node and pushed
+//! beside the image (dedupd finds and replays it during the pull, see `System`), and
+//! warm (chunks already in the node store); a failure of these rows is printed as a
+//! note and does not stop the run. The last table prints dedup's ratios: with trace to
+//! warm, recording on to off, and each to the fastest peer of the cell.
 //!
 //! Selection by environment (comma lists; default: everything):
-//!   DEDUP_COLDSTART_SYSTEMS   ov21,ov16,erofs,stargz,stargz-opt,soci,dedup,dedup-warm
+//!   DEDUP_COLDSTART_SYSTEMS   ov21,erofs,ov16,stargz-opt,stargz,soci,dedup,dedup-norec,
+//!                             dedup-trace,dedup-warm
 //!   DEDUP_COLDSTART_LINKS     lo,wan
 //!   DEDUP_COLDSTART_WORKLOADS w1,w2
 //!   DEDUP_COLDSTART_TRIALS    3
@@ -85,15 +89,19 @@ enum System {
     /// The same node once the workload has run: page cache dropped, then the same pull
     /// (a no-op but for the manifest) and run with every chunk it needs in the node store.
     DedupWarm,
-    /// A fresh node root with a trace of the workload recorded on another node
-    /// (`dedupctl mount` + the workload in a chroot, `dedupctl trace export`): the pull,
-    /// then `dedupctl trace-replay` started beside `ctr run` (prefetch priority, misses
-    /// first), timed from the start of the pull.
+    /// A fresh node root, with a trace of the workload recorded on another node
+    /// (`dedupctl mount` + the workload in a chroot, `dedupctl trace export`) and stored
+    /// beside the image in the registry (`dedupctl trace push`). Nobody tells the node:
+    /// dedupd finds the trace while containerd pulls (the snapshotter passes the
+    /// manifest digest) and replays it layer by layer at prefetch priority.
     DedupTrace,
+    /// As DedupLazy with trace recording off: the recording's cost is the ratio of the
+    /// two.
+    DedupNoRec,
 }
 
 impl System {
-    const ALL: [System; 9] = [
+    const ALL: [System; 10] = [
         System::Ov21,
         System::Erofs21,
         System::Ov16,
@@ -101,9 +109,17 @@ impl System {
         System::Stargz,
         System::Soci,
         System::DedupLazy,
+        System::DedupNoRec,
         System::DedupTrace,
         System::DedupWarm,
     ];
+
+    fn is_dedup(self) -> bool {
+        matches!(
+            self,
+            System::DedupLazy | System::DedupWarm | System::DedupTrace | System::DedupNoRec
+        )
+    }
 
     fn key(self) -> &'static str {
         match self {
@@ -116,6 +132,7 @@ impl System {
             System::DedupLazy => "dedup",
             System::DedupWarm => "dedup-warm",
             System::DedupTrace => "dedup-trace",
+            System::DedupNoRec => "dedup-norec",
         }
     }
 
@@ -130,6 +147,7 @@ impl System {
             System::DedupLazy => "dedup lazy (no trace)",
             System::DedupWarm => "dedup warm",
             System::DedupTrace => "dedup with trace",
+            System::DedupNoRec => "dedup lazy, recording off",
         }
     }
 }
@@ -227,26 +245,25 @@ struct Bench {
 }
 
 impl Bench {
-    fn image(&self, ep: &Endpoints, sys: System) -> String {
+    fn image(&self, ep: &Endpoints, sys: System, w: Workload) -> String {
         match sys {
             System::Ov21 | System::Ov16 | System::Erofs21 => format!("{}/{REPO}:orig", ep.plain),
             System::Stargz => format!("{}/{REPO}:esgz", ep.plain),
             System::StargzOpt => format!("{}/{REPO}:esgz-w1", ep.plain),
             System::Soci => format!("{}/{REPO}:orig", ep.tls),
-            System::DedupLazy | System::DedupWarm | System::DedupTrace => {
+            System::DedupLazy | System::DedupWarm | System::DedupNoRec => {
                 format!("{}/{DEDUP_REPO}:py", ep.plain)
             }
+            // A repository per workload: each holds its own trace beside the image.
+            System::DedupTrace => format!("{}/{DEDUP_REPO}-{}:py", ep.plain, w.key()),
         }
     }
 
     /// One cold start: fresh snapshotter and containerd, caches dropped, pull + run until
     /// the container prints `ok`.
     fn trial(&self, ep: &Endpoints, sys: System, w: Workload, n: usize) -> Result<Trial> {
-        let image = self.image(ep, sys);
-        if matches!(
-            sys,
-            System::DedupLazy | System::DedupWarm | System::DedupTrace
-        ) {
+        let image = self.image(ep, sys, w);
+        if sys.is_dedup() {
             return self.dedup_trial(ep, sys, &image, w, n);
         }
         drop_caches()?;
@@ -257,7 +274,7 @@ impl Bench {
             System::Stargz | System::StargzOpt => {
                 (Some(ProxyDaemon::start_stargz()?), Version::V2_1, "stargz")
             }
-            System::DedupLazy | System::DedupWarm | System::DedupTrace => {
+            System::DedupLazy | System::DedupWarm | System::DedupTrace | System::DedupNoRec => {
                 unreachable!("dedup_trial")
             }
             System::Soci => (
@@ -280,13 +297,11 @@ impl Bench {
         let mark = self.reg.access_log()?.len();
         let t0 = Instant::now();
         match sys {
-            System::Ov21
-            | System::Ov16
-            | System::Erofs21
-            | System::DedupLazy
-            | System::DedupWarm
-            | System::DedupTrace => {
+            System::Ov21 | System::Ov16 | System::Erofs21 => {
                 ctd.pull(&image, snapshotter, true, &[])?;
+            }
+            System::DedupLazy | System::DedupWarm | System::DedupTrace | System::DedupNoRec => {
+                unreachable!("dedup_trial")
             }
             System::Stargz | System::StargzOpt => {
                 peers::run_ok(
@@ -392,7 +407,19 @@ impl Bench {
         n: usize,
     ) -> Result<Trial> {
         drop_caches()?;
-        let dedupd = Dedupd::start(&[])?;
+        if sys == System::DedupTrace {
+            self.trace_for(w)?;
+        }
+        let cfg = self.trace_dir.path().join(format!("{}.toml", sys.key()));
+        std::fs::write(
+            &cfg,
+            if sys == System::DedupNoRec {
+                "[trace]\nrecord = false\n"
+            } else {
+                ""
+            },
+        )?;
+        let dedupd = Dedupd::start(&["--config", cfg.to_str().context("path")?])?;
         let shim = Shim::with_daemon(dedupd.socket(), &ep.plain)?;
         let ctd = Containerd::start_version(
             Version::V2_1,
@@ -406,12 +433,6 @@ impl Bench {
                 dedupd.log()
             )
         };
-        let mut replay = None;
-        let trace = if sys == System::DedupTrace {
-            Some(self.trace_for(image, w)?)
-        } else {
-            None
-        };
         if sys == System::DedupWarm {
             // The image stays: its layers are registered and their chunks present in the
             // node store. (Removing the image releases the chunks with the layers.)
@@ -423,40 +444,27 @@ impl Bench {
         let mark = self.reg.access_log()?.len();
         let t0 = Instant::now();
         ctd.pull(image, "dedup", true, &[]).with_context(logs)?;
-        if let Some(trace) = &trace {
-            // Beside the run: prefetches queue behind the run's own misses.
-            replay = Some(
-                std::process::Command::new(dedup_tests::daemon::binary("dedupctl"))
-                    .arg("--socket")
-                    .arg(dedupd.socket())
-                    .args(["trace-replay", "--plain-http", "--quiet", "--image", image])
-                    .arg(trace)
-                    .stdout(Stdio::null())
-                    .stderr(Stdio::piped())
-                    .spawn()
-                    .context("dedupctl trace-replay")?,
-            );
-        }
-        let t = self.run_until_ok(&ctd, "dedup", image, sys, w, n, mark, t0, logs);
-        if let Some(r) = replay {
-            let out = r.wait_with_output()?;
-            if !out.status.success() {
+        let t = self.run_until_ok(&ctd, "dedup", image, sys, w, n, mark, t0, logs)?;
+        if sys == System::DedupTrace {
+            let replays = dedupd.metric("dedupd_held_trace_replays_started_total")?;
+            if replays < 1.0 {
                 bail!(
-                    "dedupctl trace-replay failed: {}",
-                    String::from_utf8_lossy(&out.stderr)
+                    "dedup with trace: dedupd replayed no trace\n--- dedupd ---\n{}",
+                    dedupd.log()
                 );
             }
         }
-        t
+        Ok(t)
     }
 
-    /// The trace of workload `w` on `image`, recorded once on a node of its own:
-    /// dedupd alone, the image mounted with `dedupctl mount`, the workload run in a
-    /// chroot, the recording exported.
-    fn trace_for(&self, image: &str, w: Workload) -> Result<PathBuf> {
+    /// The trace of workload `w`, recorded once on a node of its own (dedupd alone,
+    /// the image mounted with `dedupctl mount`, the workload run in a chroot, the
+    /// recording exported) and pushed beside the workload's image in the registry.
+    fn trace_for(&self, w: Workload) -> Result<PathBuf> {
         if let Some(p) = self.traces.lock().unwrap().get(w.key()) {
             return Ok(p.clone());
         }
+        let image = format!("{}/{DEDUP_REPO}-{}:py", self.reg.host(), w.key());
         let cfg = self.trace_dir.path().join("recorder.toml");
         std::fs::write(&cfg, "[trace]\nidle_secs = 1.0\nwindow_secs = 120.0\n")?;
         let d = Dedupd::start(&["--config", cfg.to_str().context("path")?])?;
@@ -464,7 +472,7 @@ impl Bench {
         d.ctl_ok(&[
             "mount",
             "--plain-http",
-            image,
+            &image,
             mnt.to_str().context("path")?,
         ])?;
         let out = std::process::Command::new("chroot")
@@ -488,9 +496,15 @@ impl Bench {
             std::thread::sleep(Duration::from_millis(100));
         }
         let file = self.trace_dir.path().join(format!("{}.trace", w.key()));
-        d.ctl_ok(&["trace", "export", image, file.to_str().context("path")?])?;
+        let path = file.to_str().context("path")?;
+        d.ctl_ok(&["trace", "export", &image, path])?;
         d.ctl_ok(&["umount", mnt.to_str().context("path")?])?;
-        eprintln!("trace of {} recorded: {}", w.key(), file.display());
+        d.ctl_ok(&["trace", "push", "--plain-http", path, &image])?;
+        eprintln!(
+            "trace of {} recorded and pushed: {}",
+            w.key(),
+            d.ctl_ok(&["trace", "show", path])?.trim()
+        );
         self.traces.lock().unwrap().insert(w.key(), file.clone());
         Ok(file)
     }
@@ -601,25 +615,32 @@ fn main() -> Result<()> {
             }
         }
     }
-    if systems.iter().any(|s| {
-        matches!(
-            s,
-            System::DedupLazy | System::DedupWarm | System::DedupTrace
-        )
-    }) {
+    if systems.iter().any(|s| s.is_dedup()) {
         let t = Instant::now();
         let opts = ClientOptions {
             plain_http: true,
             ..ClientOptions::default()
         };
         let src = Endpoint::parse(&fx.oci_ref("py"), &opts)?;
-        let dst = std::sync::Arc::new(Endpoint::parse(
-            &format!("{}/{DEDUP_REPO}:py", bench.reg.host()),
-            &opts,
-        )?);
-        tokio::runtime::Runtime::new()?
-            .block_on(convert_image(&src, dst, &ConvertOptions::default()))
-            .context("converting py for dedup")?;
+        // The same converted image in a repository per use: traces are stored per
+        // repository, beside the image.
+        let mut repos = vec![DEDUP_REPO.to_string()];
+        if systems.contains(&System::DedupTrace) {
+            repos.extend(
+                workloads
+                    .iter()
+                    .map(|w| format!("{DEDUP_REPO}-{}", w.key())),
+            );
+        }
+        let rt = tokio::runtime::Runtime::new()?;
+        for repo in repos {
+            let dst = std::sync::Arc::new(Endpoint::parse(
+                &format!("{}/{repo}:py", bench.reg.host()),
+                &opts,
+            )?);
+            rt.block_on(convert_image(&src, dst, &ConvertOptions::default()))
+                .with_context(|| format!("converting py for dedup into {repo}"))?;
+        }
         eprintln!(
             "dedup-converted py ready in {:.1}s",
             t.elapsed().as_secs_f64()
@@ -663,12 +684,7 @@ fn main() -> Result<()> {
                         Ok(t) => t,
                         // The snapshotter is under construction: its failure is a
                         // finding of the run, not a reason to lose the peers' figures.
-                        Err(e)
-                            if matches!(
-                                sys,
-                                System::DedupLazy | System::DedupWarm | System::DedupTrace
-                            ) =>
-                        {
+                        Err(e) if sys.is_dedup() => {
                             // The chain's outer contexts are the daemons' logs; the
                             // note carries the root cause.
                             let msg = format!("{}", e.root_cause());
@@ -808,6 +824,63 @@ fn print_tables(
                 _ => " - |".into(),
             };
             row.push_str(&r);
+        }
+        println!("{row}");
+    }
+
+    // dedup's own ratios: the targets of issue 7 and peers.md.
+    let peers = [
+        System::Ov21,
+        System::Erofs21,
+        System::Ov16,
+        System::StargzOpt,
+        System::Stargz,
+        System::Soci,
+    ];
+    let best_peer = |l: Link, w: Workload| -> Option<(f64, System)> {
+        peers
+            .iter()
+            .filter_map(|p| cell(*p, l, w).map(|c| (c.0, *p)))
+            .min_by(|a, b| a.0.total_cmp(&b.0))
+    };
+    let rows: [(&str, System, Option<System>); 4] = [
+        (
+            "dedup with trace / dedup warm (target <= 1.2)",
+            System::DedupTrace,
+            Some(System::DedupWarm),
+        ),
+        (
+            "recording overhead: dedup lazy / dedup lazy, recording off",
+            System::DedupLazy,
+            Some(System::DedupNoRec),
+        ),
+        ("dedup with trace / best peer", System::DedupTrace, None),
+        ("dedup lazy / best peer", System::DedupLazy, None),
+    ];
+    println!();
+    println!("dedup's ratios in the same run (best peer: the fastest non-dedup row of the cell):");
+    println!();
+    let mut head = String::from("| ratio |");
+    for (l, w) in &cols {
+        head.push_str(&format!(" {} {} |", l.key(), w.key()));
+    }
+    println!("{head}");
+    println!("|{}", "---|".repeat(1 + cols.len()));
+    for (name, a, b) in rows {
+        let mut row = format!("| {name} |");
+        for (l, w) in &cols {
+            let num = cell(a, *l, *w).map(|c| c.0);
+            let den = match b {
+                Some(b) => cell(b, *l, *w).map(|c| (c.0, b)),
+                None => best_peer(*l, *w),
+            };
+            row.push_str(&match (num, den) {
+                (Some(n), Some((d, who))) if d > 0.0 && b.is_none() => {
+                    format!(" {:.2}x ({}) |", n / d, who.key())
+                }
+                (Some(n), Some((d, _))) if d > 0.0 => format!(" {:.2}x |", n / d),
+                _ => " - |".into(),
+            });
         }
         println!("{row}");
     }
