@@ -326,13 +326,29 @@ pub enum Estargz {
 }
 
 impl Estargz {
+    /// The cache key (and output tag) of the produced image: an `Optimized` key names the
+    /// workload and a hash of its command and of [`OPTIMIZE_RECIPE`], so an archive made
+    /// from another command, source or invocation is never reused.
     fn key(&self) -> String {
         match self {
             Estargz::Plain => "plain".into(),
-            Estargz::Optimized { name, .. } => format!("opt-{name}"),
+            Estargz::Optimized { name, args_json } => {
+                use sha2::Digest as _;
+                let h = sha2::Sha256::digest(format!("{OPTIMIZE_RECIPE}\n{args_json}"));
+                format!("opt-{name}-{}", hex(&h.as_slice()[..6]))
+            }
         }
     }
 }
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// How an `Optimized` archive is made (part of its key): from the copy made by
+/// [`push_with_parent_dirs`], running the command as `--entrypoint=[argv0]
+/// --args=[argv1..]`.
+const OPTIMIZE_RECIPE: &str = "with-parent-dirs-v1 entrypoint-argv0-args-rest-v1";
 
 /// Pushes the eStargz conversion of `src` (a plain-HTTP reference of fixture `tag`) to
 /// `dest`. The conversion (minutes of gzip -9 on this machine kind) runs once in a
@@ -350,6 +366,16 @@ pub fn push_estargz(src: &str, tag: &str, variant: &Estargz, dest: &str) -> Resu
         variant.key()
     ));
     if !archive.is_file() {
+        // `optimize` puts the files the workload read first in each layer together with
+        // their parent directories, which must be entries of that same layer: it fails
+        // with `failed to sort tar entries: file: "usr": not found` on the fixtures,
+        // whose upper layers (umoci diffs) omit unchanged parents such as `usr/`. It
+        // therefore optimizes a copy of the fixture whose layers list every parent.
+        let src = match variant {
+            Estargz::Plain => src.to_string(),
+            Estargz::Optimized { .. } => push_with_parent_dirs(tag, src)?,
+        };
+        let src = src.as_str();
         let ctd =
             crate::containerd::Containerd::start_version(crate::containerd::Version::V2_1, &[])?;
         run_ok(
@@ -364,15 +390,25 @@ pub fn push_estargz(src: &str, tag: &str, variant: &Estargz, dest: &str) -> Resu
                 "--estargz".into(),
                 "--oci".into(),
             ],
-            Estargz::Optimized { args_json, .. } => vec![
-                "image".into(),
-                "optimize".into(),
-                "--oci".into(),
-                "--period".into(),
-                "10".into(),
-                format!("--entrypoint={args_json}"),
-                "--args=[]".into(),
-            ],
+            Estargz::Optimized { args_json, .. } => {
+                // ctr-remote runs entrypoint + args, and takes an empty `--args` as unset:
+                // the image's Cmd would follow the command. Splitting the command as
+                // argv[0] / argv[1..] runs exactly it (when it has arguments).
+                let argv: Vec<String> = serde_json::from_str(args_json)
+                    .with_context(|| format!("the optimize command {args_json}"))?;
+                let Some((argv0, rest)) = argv.split_first() else {
+                    bail!("empty optimize command");
+                };
+                vec![
+                    "image".into(),
+                    "optimize".into(),
+                    "--oci".into(),
+                    "--period".into(),
+                    "10".into(),
+                    format!("--entrypoint={}", serde_json::json!([argv0])),
+                    format!("--args={}", serde_json::json!(rest)),
+                ]
+            }
         };
         let mut a: Vec<&str> = args.iter().map(String::as_str).collect();
         a.push(src);
@@ -419,6 +455,205 @@ pub fn push_estargz(src: &str, tag: &str, variant: &Estargz, dest: &str) -> Resu
         .stdin(Stdio::null());
     run_ok(cmd, &format!("skopeo copy {} -> {dest}", archive.display()))?;
     Ok(())
+}
+
+/// Pushes a copy of fixture `tag` (whose plain-HTTP reference is `src`) next to `src`,
+/// as tag `esgz-src-<tag>`, with every layer made to list the parent directories of
+/// its entries: the missing ones are prepended as directory entries carrying the
+/// metadata of the same directory in the layers below (else 0755 root), so the root
+/// filesystem is unchanged. Layers that list all their parents are kept as they are.
+/// Returns the reference of the copy.
+fn push_with_parent_dirs(tag: &str, src: &str) -> Result<String> {
+    use sha2::Digest as _;
+    use std::collections::{BTreeSet, HashMap};
+    use std::io::Write;
+
+    struct HashWriter<W: Write> {
+        inner: W,
+        hash: sha2::Sha256,
+        len: u64,
+    }
+    impl<W: Write> Write for HashWriter<W> {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            let n = self.inner.write(buf)?;
+            self.hash.update(&buf[..n]);
+            self.len += n as u64;
+            Ok(n)
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            self.inner.flush()
+        }
+    }
+    fn digest_of(h: sha2::Sha256) -> String {
+        format!("sha256:{}", hex(h.finalize().as_slice()))
+    }
+    fn clean(p: &str) -> String {
+        p.trim_start_matches("./")
+            .trim_start_matches('/')
+            .trim_end_matches('/')
+            .to_string()
+    }
+    #[derive(Clone)]
+    struct DirMeta {
+        mode: u32,
+        uid: u64,
+        gid: u64,
+        mtime: u64,
+    }
+
+    let fx = crate::fixtures::fixtures()?;
+    let mut manifest = fx.manifest(tag)?;
+    let mut config = fx.config(tag)?;
+    let layers = fx.layers(tag)?;
+    let out = tempfile::Builder::new()
+        .prefix("dedup-esgz-src-")
+        .tempdir_in("/var/tmp")
+        .context("creating the eStargz source layout dir")?;
+    let blobs = out.path().join("blobs/sha256");
+    fs::create_dir_all(&blobs)?;
+    fs::write(
+        out.path().join("oci-layout"),
+        r#"{"imageLayoutVersion":"1.0.0"}"#,
+    )?;
+    let put_blob = |bytes: &[u8]| -> Result<(String, usize)> {
+        let d = digest_of(sha2::Sha256::new_with_prefix(bytes));
+        fs::write(blobs.join(&d["sha256:".len()..]), bytes)?;
+        Ok((d, bytes.len()))
+    };
+    let gunzip = |digest: &str| -> Result<flate2::read::MultiGzDecoder<fs::File>> {
+        let p = fx.blob_path(digest);
+        let f = fs::File::open(&p).with_context(|| format!("opening {}", p.display()))?;
+        Ok(flate2::read::MultiGzDecoder::new(f))
+    };
+
+    let mut below: HashMap<String, DirMeta> = HashMap::new();
+    for (i, layer) in layers.iter().enumerate() {
+        if !layer.media_type.ends_with("tar+gzip") {
+            bail!(
+                "layer {} of {tag} is {}, not a gzip tar",
+                layer.digest,
+                layer.media_type
+            );
+        }
+        let mut names = BTreeSet::new();
+        let mut dirs = Vec::new();
+        let mut archive = tar::Archive::new(gunzip(&layer.digest)?);
+        for e in archive.entries()? {
+            let e = e?;
+            let name = clean(&e.path()?.to_string_lossy());
+            if name.is_empty() || name == "." {
+                continue;
+            }
+            let h = e.header();
+            if h.entry_type().is_dir() {
+                dirs.push((
+                    name.clone(),
+                    DirMeta {
+                        mode: h.mode()?,
+                        uid: h.uid()?,
+                        gid: h.gid()?,
+                        mtime: h.mtime()?,
+                    },
+                ));
+            }
+            names.insert(name);
+        }
+        let mut missing = BTreeSet::new();
+        for n in &names {
+            let mut p = n.as_str();
+            while let Some((parent, _)) = p.rsplit_once('/') {
+                if !names.contains(parent) {
+                    missing.insert(parent.to_string());
+                }
+                p = parent;
+            }
+        }
+        if missing.is_empty() {
+            fs::copy(
+                fx.blob_path(&layer.digest),
+                blobs.join(&layer.digest["sha256:".len()..]),
+            )?;
+        } else {
+            // BTreeSet order puts each parent before its children.
+            let tmp = blobs.join("layer.tmp");
+            let gz = flate2::write::GzEncoder::new(
+                HashWriter {
+                    inner: fs::File::create(&tmp)?,
+                    hash: sha2::Sha256::new(),
+                    len: 0,
+                },
+                flate2::Compression::fast(),
+            );
+            let mut raw = HashWriter {
+                inner: gz,
+                hash: sha2::Sha256::new(),
+                len: 0,
+            };
+            for d in &missing {
+                let m = below.get(d).cloned().unwrap_or(DirMeta {
+                    mode: 0o755,
+                    uid: 0,
+                    gid: 0,
+                    mtime: 0,
+                });
+                let mut h = tar::Header::new_ustar();
+                h.set_path(format!("{d}/"))
+                    .with_context(|| format!("tar header for {d}/"))?;
+                h.set_entry_type(tar::EntryType::Directory);
+                h.set_mode(m.mode);
+                h.set_uid(m.uid);
+                h.set_gid(m.gid);
+                h.set_mtime(m.mtime);
+                h.set_size(0);
+                h.set_cksum();
+                raw.write_all(h.as_bytes())?;
+            }
+            // The original archive follows byte for byte (its entries and end marker).
+            std::io::copy(&mut gunzip(&layer.digest)?, &mut raw)?;
+            let diff_id = digest_of(raw.hash);
+            let gz = raw.inner.finish()?;
+            let size = gz.len;
+            let digest = digest_of(gz.hash);
+            fs::rename(&tmp, blobs.join(&digest["sha256:".len()..]))?;
+            manifest["layers"][i]["digest"] = digest.into();
+            manifest["layers"][i]["size"] = size.into();
+            config["rootfs"]["diff_ids"][i] = diff_id.into();
+        }
+        for (name, meta) in dirs {
+            below.insert(name, meta);
+        }
+    }
+    let (config_digest, config_size) = put_blob(&serde_json::to_vec(&config)?)?;
+    manifest["config"]["digest"] = config_digest.into();
+    manifest["config"]["size"] = config_size.into();
+    let manifest_media = manifest["mediaType"]
+        .as_str()
+        .unwrap_or("application/vnd.oci.image.manifest.v1+json")
+        .to_string();
+    let (manifest_digest, manifest_size) = put_blob(&serde_json::to_vec(&manifest)?)?;
+    let index = serde_json::json!({
+        "schemaVersion": 2,
+        "manifests": [{
+            "mediaType": manifest_media,
+            "digest": manifest_digest,
+            "size": manifest_size,
+            "annotations": { "org.opencontainers.image.ref.name": tag },
+        }],
+    });
+    fs::write(out.path().join("index.json"), serde_json::to_vec(&index)?)?;
+
+    let repo = match src.rfind(':') {
+        Some(i) if i > src.rfind('/').unwrap_or(0) => &src[..i],
+        _ => src,
+    };
+    let dest = format!("{repo}:esgz-src-{tag}");
+    let mut cmd = Command::new("skopeo");
+    cmd.args(["copy", "-q", "--dest-tls-verify=false", "--dest-no-creds"])
+        .arg(format!("oci:{}:{tag}", out.path().display()))
+        .arg(format!("docker://{dest}"))
+        .stdin(Stdio::null());
+    run_ok(cmd, &format!("skopeo copy (with parent dirs) -> {dest}"))?;
+    Ok(dest)
 }
 
 fn proxy_dir(name: &str) -> Result<tempfile::TempDir> {
