@@ -34,6 +34,8 @@
 //!   DEDUP_COLDSTART_LINKS     lo,wan
 //!   DEDUP_COLDSTART_WORKLOADS w1,w2
 //!   DEDUP_COLDSTART_TRIALS    3
+//!   DEDUP_COLDSTART_LOGS      a directory: the shim's and dedupd's log of each dedup
+//!                             trial are written there
 //!
 //! Run as root: `cargo bench -p dedup-benches --bench coldstart`. Figures are printed,
 //! never asserted. The peers are installed on first use (tests/peers/install-peers.sh,
@@ -445,6 +447,12 @@ impl Bench {
         let t0 = Instant::now();
         ctd.pull(image, "dedup", true, &[]).with_context(logs)?;
         let t = self.run_until_ok(&ctd, "dedup", image, sys, w, n, mark, t0, logs)?;
+        if let Some(dir) = std::env::var_os("DEDUP_COLDSTART_LOGS") {
+            // For reading a trial's timeline afterwards.
+            let port = ep.plain.rsplit(':').next().unwrap_or("");
+            let f = PathBuf::from(dir).join(format!("{}-{}-{n}-{port}.log", sys.key(), w.key()));
+            std::fs::write(&f, logs())?;
+        }
         if sys == System::DedupTrace {
             let replays = dedupd.metric("dedupd_held_trace_replays_started_total")?;
             if replays < 1.0 {

@@ -12,6 +12,7 @@ use std::sync::{Arc, Mutex};
 
 use dedup_image::endpoint::Endpoint;
 use dedup_image::index::LayerIndex;
+use dedup_image::oci::Digest;
 use dedup_image::registry::ClientOptions;
 use tokio::sync::OnceCell;
 
@@ -70,6 +71,39 @@ impl HeldTraces {
 }
 
 impl Daemon {
+    /// Starts looking for the trace of the image `a.manifest` (if not done already), so
+    /// the lookup's round trips overlap the layer's own fetches.
+    pub(super) fn look_up_image_trace(&self, a: &AcquireLayer) {
+        if !self.cfg.prefetch.auto_replay {
+            return;
+        }
+        let Some(manifest) = a.manifest else {
+            return;
+        };
+        let manifest = manifest.oci();
+        let cell = self.held_traces.cell(&manifest);
+        if cell.initialized() {
+            return;
+        }
+        let lookup = self.trace_lookup(a, &manifest);
+        tokio::spawn(async move {
+            cell.get_or_init(|| lookup).await;
+        });
+    }
+
+    fn trace_lookup(
+        &self,
+        a: &AcquireLayer,
+        manifest: &str,
+    ) -> impl std::future::Future<Output = Option<Arc<Trace>>> + Send + 'static {
+        let dir = self.traces_dir();
+        let repository = a.repository.clone();
+        let options = self.client_options(a.plain_http);
+        let name = image_name(a, manifest);
+        let manifest = manifest.to_string();
+        async move { find_trace(dir, &manifest, &repository, options, &name).await }
+    }
+
     /// A layer of the image `a.manifest` is held: record its reads into the image's
     /// trace, and replay the image's trace for it.
     pub(super) fn held_layer_of_image(&self, a: &AcquireLayer, index: &Arc<LayerIndex>) {
@@ -89,19 +123,10 @@ impl Daemon {
         let store = self.store.clone();
         let core = self.core.clone();
         let concurrency = self.cfg.prefetch.concurrency;
-        let dir = self.traces_dir();
-        let repository = a.repository.clone();
-        let options = self.client_options(a.plain_http);
-        let name = if a.reference.is_empty() {
-            format!("{}@{manifest}", a.repository)
-        } else {
-            a.reference.clone()
-        };
+        let lookup = self.trace_lookup(a, &manifest);
+        let name = image_name(a, &manifest);
         tokio::spawn(async move {
-            let trace = cell
-                .get_or_init(|| find_trace(dir, &manifest, &repository, options, &name))
-                .await
-                .clone();
+            let trace = cell.get_or_init(|| lookup).await.clone();
             let Some(trace) = trace else {
                 return;
             };
@@ -132,6 +157,14 @@ impl Daemon {
     }
 }
 
+fn image_name(a: &AcquireLayer, manifest: &str) -> String {
+    if a.reference.is_empty() {
+        format!("{}@{manifest}", a.repository)
+    } else {
+        a.reference.clone()
+    }
+}
+
 /// The image's trace: the one recorded here, else the newest stored beside the image
 /// in its registry. None (logged) when there is none or it cannot be read.
 async fn find_trace(
@@ -152,7 +185,15 @@ async fn find_trace(
             return None;
         }
     };
-    match registry::pull(&ep, &image).await {
+    let subject = match Digest::parse(manifest) {
+        Ok(d) => d,
+        Err(e) => {
+            tracing::warn!(image = %name, error = %e, "no trace lookup in the registry");
+            return None;
+        }
+    };
+    // The snapshotter names the platform's manifest: no need to resolve it again.
+    match registry::pull_for(&ep, &image, &subject).await {
         Ok(p) => {
             tracing::info!(image = %name, chunks = p.trace.entries.len(), trace = %p.manifest, "access trace found in the registry");
             Some(Arc::new(p.trace))

@@ -259,6 +259,7 @@ impl Daemon {
     }
 
     pub(super) async fn acquire_layer_impl(&self, a: AcquireLayer) -> Result<proto::LayerMount> {
+        self.look_up_image_trace(&a);
         let (mount, index) = self.hold_remote_layer(&a).await?;
         self.held_layer_of_image(&a, &index);
         Ok(mount)

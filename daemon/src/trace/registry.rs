@@ -355,11 +355,23 @@ pub async fn referrers_api(
 /// Finds the newest trace stored for the image manifest of `image`, checks it and
 /// returns it.
 pub async fn pull(ep: &Endpoint, image: &str) -> Result<Pulled> {
-    let (client, repo) = registry_parts(ep, image)?;
     let subject = resolve_subject(ep, image, None).await?.digest;
-    let (index, via_api) = match referrers_api(client, repo, &subject).await? {
+    pull_for(ep, image, &subject).await
+}
+
+/// Finds the newest trace stored for the image manifest `subject` (already resolved:
+/// a platform's manifest, not an index) in `ep`'s repository.
+pub async fn pull_for(ep: &Endpoint, image: &str, subject: &Digest) -> Result<Pulled> {
+    let (client, repo) = registry_parts(ep, image)?;
+    let subject = subject.clone();
+    // Both ways at once: on a slow link the probe costs a connection and a round trip.
+    let (api, fallback) = tokio::join!(
+        referrers_api(client, repo, &subject),
+        read_fallback(client, repo, image, &subject)
+    );
+    let (index, via_api) = match api? {
         Some(idx) => (Some(idx), true),
-        None => (read_fallback(client, repo, image, &subject).await?, false),
+        None => (fallback?, false),
     };
     let not_found = || NotFound {
         image: image.to_string(),
