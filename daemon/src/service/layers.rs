@@ -9,6 +9,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::sync::Arc;
+use std::time::Instant;
 
 use anyhow::{Context, Result, anyhow};
 use dedup_image::convert::{ChunkingOptions, dir_reader};
@@ -284,6 +285,7 @@ impl Daemon {
         );
         let digest = Digest::parse(&a.index_digest.oci())
             .map_err(|e| OpError::invalid_argument(format!("index_digest: {e}")))?;
+        let started = Instant::now();
         let blob = match endpoint.get_blob_bytes(&digest).await {
             Ok(b) => b,
             Err(e) if e.is_not_found() => {
@@ -324,6 +326,7 @@ impl Daemon {
             ))
             .into());
         }
+        let fetched = started.elapsed();
         let owner_name = a.index_digest.oci();
         let chunks: Vec<(Sha256, u32)> = index.chunks.iter().map(|c| (c.digest, c.size)).collect();
         let store = self.store.clone();
@@ -357,6 +360,7 @@ impl Daemon {
             reference: a.reference.clone(),
             owners: BTreeSet::from([a.owner.clone()]),
         };
+        let reserved = started.elapsed();
         self.install_hold(&mut st, &held, &index, &blob, slots)
             .await
             .with_context(|| format!("acquiring layer sha256:{chain_hex}"))?;
@@ -367,6 +371,9 @@ impl Daemon {
             owner = %a.owner,
             chunks = index.chunks.len(),
             index_bytes = blob.len(),
+            fetched_ms = fetched.as_millis() as u64,
+            reserved_ms = reserved.as_millis() as u64,
+            mounted_ms = started.elapsed().as_millis() as u64,
             "layer acquired"
         );
         let mount = self.layer_mount(&held, &index, blob.len() as u64, (0, 0));
