@@ -36,6 +36,8 @@
 //!   DEDUP_COLDSTART_TRIALS    3
 //!   DEDUP_COLDSTART_LOGS      a directory: the shim's and dedupd's log of each dedup
 //!                             trial are written there
+//!   DEDUP_COLDSTART_DEDUPD_CONFIG  TOML added to the dedup nodes' dedupd config
+//!                             (`\n` for newlines), e.g. "[prefetch]\nlocality_bytes = 1048576"
 //!
 //! Run as root: `cargo bench -p dedup-benches --bench coldstart`. Figures are printed,
 //! never asserted. The peers are installed on first use (tests/peers/install-peers.sh,
@@ -413,14 +415,14 @@ impl Bench {
             self.trace_for(w)?;
         }
         let cfg = self.trace_dir.path().join(format!("{}.toml", sys.key()));
-        std::fs::write(
-            &cfg,
-            if sys == System::DedupNoRec {
-                "[trace]\nrecord = false\n"
-            } else {
-                ""
-            },
-        )?;
+        // DEDUP_COLDSTART_DEDUPD_CONFIG: TOML appended to every dedup node's config (for
+        // comparing settings).
+        let extra = std::env::var("DEDUP_COLDSTART_DEDUPD_CONFIG").unwrap_or_default();
+        let mut text = extra.replace("\\n", "\n");
+        if sys == System::DedupNoRec {
+            text = format!("[trace]\nrecord = false\n{text}");
+        }
+        std::fs::write(&cfg, text)?;
         let dedupd = Dedupd::start(&["--config", cfg.to_str().context("path")?])?;
         let shim = Shim::with_daemon(dedupd.socket(), &ep.plain)?;
         let ctd = Containerd::start_version(

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, anyhow};
 use dedup_image::convert::host_platform;
 use dedup_image::converted::{self, ConvertedImage};
-use dedup_image::endpoint::Endpoint;
+use dedup_image::endpoint::{ClientPool, Endpoint, EndpointError};
 use dedup_image::index::Sha256;
 use dedup_image::registry::ClientOptions;
 use tokio::sync::Notify;
@@ -81,9 +81,22 @@ pub struct Daemon {
     layers: tokio::sync::Mutex<layers::Holds>,
     /// Traces of images known through held layers; see `held_traces`.
     held_traces: held_traces::HeldTraces,
+    /// One registry client per registry (and plain-HTTP choice), shared by every image,
+    /// layer and trace lookup: their requests reuse warm connections (on a slow link a
+    /// new connection costs a round trip).
+    clients: [ClientPool; 2],
 }
 
 impl Daemon {
+    /// An endpoint for `spec` (host/repo[:tag|@digest]) on the daemon's shared clients.
+    fn endpoint(&self, spec: &str, plain_http: bool) -> Result<Endpoint, EndpointError> {
+        Endpoint::parse_in(
+            spec,
+            &self.client_options(plain_http),
+            &self.clients[plain_http as usize],
+        )
+    }
+
     fn client_options(&self, plain_http: bool) -> ClientOptions {
         ClientOptions {
             plain_http,
@@ -103,7 +116,7 @@ impl Daemon {
             return Ok((r.info.clone(), r.image.clone(), 0));
         }
         let endpoint = Arc::new(
-            Endpoint::parse(reference, &self.client_options(plain_http))
+            self.endpoint(reference, plain_http)
                 .map_err(|e| OpError::invalid_argument(format!("reference {reference:?}: {e}")))?,
         );
         let image = Arc::new(converted::open(&endpoint, &host_platform()).await?);
@@ -616,6 +629,7 @@ pub async fn run_server(cfg: Config) -> Result<()> {
         recorder,
         layers: Default::default(),
         held_traces: Default::default(),
+        clients: Default::default(),
     });
     reregister(&daemon).await;
     daemon.restore_holds().await;

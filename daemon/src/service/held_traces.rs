@@ -13,7 +13,6 @@ use std::sync::{Arc, Mutex};
 use dedup_image::endpoint::Endpoint;
 use dedup_image::index::LayerIndex;
 use dedup_image::oci::Digest;
-use dedup_image::registry::ClientOptions;
 use tokio::sync::OnceCell;
 
 use super::Daemon;
@@ -97,11 +96,12 @@ impl Daemon {
         manifest: &str,
     ) -> impl std::future::Future<Output = Option<Arc<Trace>>> + Send + 'static {
         let dir = self.traces_dir();
-        let repository = a.repository.clone();
-        let options = self.client_options(a.plain_http);
         let name = image_name(a, manifest);
+        let endpoint = self
+            .endpoint(&format!("{}@{manifest}", a.repository), a.plain_http)
+            .map_err(|e| e.to_string());
         let manifest = manifest.to_string();
-        async move { find_trace(dir, &manifest, &repository, options, &name).await }
+        async move { find_trace(dir, &manifest, endpoint, &name).await }
     }
 
     /// A layer of the image `a.manifest` is held: record its reads into the image's
@@ -170,15 +170,13 @@ fn image_name(a: &AcquireLayer, manifest: &str) -> String {
 async fn find_trace(
     dir: PathBuf,
     manifest: &str,
-    repository: &str,
-    options: ClientOptions,
+    endpoint: Result<Endpoint, String>,
     name: &str,
 ) -> Option<Arc<Trace>> {
     if let Some(t) = local_trace(&dir, manifest, name) {
         return Some(Arc::new(t));
     }
-    let image = format!("{repository}@{manifest}");
-    let ep = match Endpoint::parse(&image, &options) {
+    let ep = match endpoint {
         Ok(ep) => ep,
         Err(e) => {
             tracing::warn!(image = %name, error = %e, "no trace lookup in the registry");
@@ -193,7 +191,7 @@ async fn find_trace(
         }
     };
     // The snapshotter names the platform's manifest: no need to resolve it again.
-    match registry::pull_for(&ep, &image, &subject).await {
+    match registry::pull_for(&ep, name, &subject).await {
         Ok(p) => {
             tracing::info!(image = %name, chunks = p.trace.entries.len(), trace = %p.manifest, "access trace found in the registry");
             Some(Arc::new(p.trace))

@@ -13,7 +13,6 @@ use std::time::Instant;
 
 use anyhow::{Context, Result, anyhow};
 use dedup_image::convert::{ChunkingOptions, dir_reader};
-use dedup_image::endpoint::Endpoint;
 use dedup_image::index::{self, LayerIndex, Sha256};
 use dedup_image::oci::Digest;
 
@@ -280,7 +279,7 @@ impl Daemon {
         }
         Self::check_parent(&st, parent.as_deref())?;
         let endpoint = Arc::new(
-            Endpoint::parse(&a.repository, &self.client_options(a.plain_http))
+            self.endpoint(&a.repository, a.plain_http)
                 .map_err(|e| OpError::invalid_argument(format!("repository: {e}")))?,
         );
         let digest = Digest::parse(&a.index_digest.oci())
@@ -729,7 +728,7 @@ impl Daemon {
                 plain_http,
             } => {
                 let endpoint = Arc::new(
-                    Endpoint::parse(repository, &self.client_options(*plain_http))
+                    self.endpoint(repository, *plain_http)
                         .with_context(|| format!("repository {repository}"))?,
                 );
                 let name = if h.reference.is_empty() {
