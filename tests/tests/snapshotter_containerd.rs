@@ -533,6 +533,14 @@ fn trace_recorded_under_containerd_is_found_in_the_registry_by_the_next_node() {
         std::thread::sleep(Duration::from_millis(100));
     }
     let replayed = t.elapsed();
+    // containerd asks for the layers one by one: the trace named the upper one, so its
+    // index was fetched while the lower one was being held.
+    assert_eq!(
+        node2.metric("dedupd_layer_indexes_fetched_ahead_total"),
+        (layers.len() - 1) as f64,
+        "{}",
+        node2.dedupd.log()
+    );
     let misses_before = node2.metric("dedupd_misses_total");
     let out = node2.run(&image, "w1", &["python3", "-c", W1]);
     assert_eq!(out.trim(), "ok");

@@ -10,9 +10,12 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
+use bytes::Bytes;
 use dedup_image::endpoint::Endpoint;
 use dedup_image::index::LayerIndex;
 use dedup_image::oci::Digest;
+use futures_util::FutureExt as _;
+use futures_util::future::{BoxFuture, Shared};
 use tokio::sync::OnceCell;
 
 use super::Daemon;
@@ -22,18 +25,30 @@ use crate::trace::{Recorder, Trace, registry, replay};
 /// An image's trace once looked up: None when it has none.
 type Found = Arc<OnceCell<Option<Arc<Trace>>>>;
 
+/// A layer index being fetched ahead of its AcquireLayer (None when the fetch failed).
+/// Shared, so AcquireLayer waits for a fetch in flight instead of starting another.
+type Ahead = Shared<BoxFuture<'static, Option<Bytes>>>;
+
+/// Index blobs fetched ahead and never taken (a layer already held, a pull given up)
+/// are dropped when this many wait.
+const MAX_AHEAD: usize = 16;
+
 /// The trace found for each image manifest (or that none was), looked up once.
 #[derive(Default)]
 pub(super) struct HeldTraces {
     found: Mutex<HashMap<String, Found>>,
+    /// Indexes of the layers a found trace names, fetched while containerd is still
+    /// unpacking the layers below them: keyed by index digest, taken by AcquireLayer.
+    ahead: Arc<Mutex<HashMap<String, Ahead>>>,
     counts: Arc<ReplayCounts>,
 }
 
-/// Layer replays started and finished.
+/// Layer replays started and finished, layer indexes taken from the fetches ahead.
 #[derive(Default)]
 struct ReplayCounts {
     started: AtomicU64,
     finished: AtomicU64,
+    indexes_ahead: AtomicU64,
 }
 
 impl HeldTraces {
@@ -50,6 +65,11 @@ impl HeldTraces {
                 &self.counts.finished,
                 "Trace replays for held layers that ran to the end.",
             ),
+            (
+                "layer_indexes_fetched_ahead_total",
+                &self.counts.indexes_ahead,
+                "Layer indexes an AcquireLayer found fetched ahead (named by the image's trace).",
+            ),
         ] {
             let _ = writeln!(
                 out,
@@ -57,6 +77,24 @@ impl HeldTraces {
                 v.load(Ordering::Relaxed)
             );
         }
+    }
+
+    /// The index blob `digest` if it was fetched ahead (waiting for a fetch in flight).
+    pub(super) async fn take_index(&self, digest: &str) -> Option<Bytes> {
+        let cell = self
+            .ahead
+            .lock()
+            .expect("held traces lock")
+            .remove(digest)?;
+        let blob = cell.await;
+        if blob.is_some() {
+            self.counts.indexes_ahead.fetch_add(1, Ordering::Relaxed);
+        }
+        blob
+    }
+
+    fn clone_ahead(&self) -> Arc<Mutex<HashMap<String, Ahead>>> {
+        self.ahead.clone()
     }
 
     fn cell(&self, manifest: &str) -> Found {
@@ -85,8 +123,18 @@ impl Daemon {
             return;
         }
         let lookup = self.trace_lookup(a, &manifest);
+        let ahead = self.endpoint(&a.repository, a.plain_http).ok().map(|ep| {
+            (
+                Arc::new(ep),
+                self.held_traces.clone_ahead(),
+                a.index_digest.oci(),
+            )
+        });
         tokio::spawn(async move {
-            cell.get_or_init(|| lookup).await;
+            let trace = cell.get_or_init(|| lookup).await.clone();
+            if let (Some(trace), Some((ep, ahead, this))) = (trace, ahead) {
+                fetch_indexes_ahead(&trace, &this, ep, &ahead);
+            }
         });
     }
 
@@ -154,6 +202,55 @@ impl Daemon {
             replay::run(core, plan, concurrency, |_| {}).await;
             counts.finished.fetch_add(1, Ordering::Relaxed);
         });
+    }
+}
+
+/// Starts fetching the index of each layer `trace` names (but `this`, being fetched by
+/// its AcquireLayer): containerd asks for the layers one after the other, and each
+/// index fetched ahead saves a round trip and the transfer on the next AcquireLayer.
+fn fetch_indexes_ahead(
+    trace: &Trace,
+    this: &str,
+    ep: Arc<Endpoint>,
+    ahead: &Arc<Mutex<HashMap<String, Ahead>>>,
+) {
+    let mut layers: Vec<&str> = Vec::new();
+    for e in &trace.entries {
+        if e.layer != this && !layers.contains(&e.layer.as_str()) {
+            layers.push(&e.layer);
+        }
+    }
+    for layer in layers {
+        let Ok(digest) = Digest::parse(layer) else {
+            continue;
+        };
+        let fetch: Ahead = {
+            let ep = ep.clone();
+            async move {
+                match ep.get_blob_bytes(&digest).await {
+                    // get_blob_bytes verified the digest.
+                    Ok(b) => Some(b),
+                    Err(e) => {
+                        tracing::debug!(index = %digest, error = %e, "fetching a layer index ahead failed; its AcquireLayer fetches it");
+                        None
+                    }
+                }
+            }
+            .boxed()
+            .shared()
+        };
+        {
+            let mut map = ahead.lock().expect("held traces lock");
+            if map.contains_key(layer) {
+                continue;
+            }
+            if map.len() >= MAX_AHEAD {
+                map.clear();
+            }
+            map.insert(layer.to_string(), fetch.clone());
+        }
+        // Driven now, whether or not an AcquireLayer is waiting yet.
+        tokio::spawn(fetch);
     }
 }
 

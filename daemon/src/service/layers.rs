@@ -285,7 +285,13 @@ impl Daemon {
         let digest = Digest::parse(&a.index_digest.oci())
             .map_err(|e| OpError::invalid_argument(format!("index_digest: {e}")))?;
         let started = Instant::now();
-        let blob = match endpoint.get_blob_bytes(&digest).await {
+        let ahead = self.held_traces.take_index(&a.index_digest.oci()).await;
+        let fetched_ahead = ahead.is_some();
+        let blob = match ahead {
+            Some(b) => Ok(b),
+            None => endpoint.get_blob_bytes(&digest).await,
+        };
+        let blob = match blob {
             Ok(b) => b,
             Err(e) if e.is_not_found() => {
                 return Err(OpError::not_found(format!(
@@ -371,6 +377,7 @@ impl Daemon {
             chunks = index.chunks.len(),
             index_bytes = blob.len(),
             fetched_ms = fetched.as_millis() as u64,
+            fetched_ahead,
             reserved_ms = reserved.as_millis() as u64,
             mounted_ms = started.elapsed().as_millis() as u64,
             "layer acquired"
