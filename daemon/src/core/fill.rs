@@ -320,23 +320,16 @@ impl Core {
         slots: &[u64],
         prio: Priority,
     ) -> Result<(), FillError> {
-        let missing: Vec<u64> = slots
-            .iter()
-            .copied()
-            .filter(|s| !self.bitmap.is_present(*s))
-            .collect();
+        let (present, missing): (Vec<u64>, Vec<u64>) =
+            slots.iter().partition(|s| self.bitmap.is_present(**s));
         if prio == Priority::OnDemand
-            && missing.len() < slots.len()
+            && !present.is_empty()
             && let Some(hook) = self.access_hook.get()
         {
             // The present part of a read that missed elsewhere was read all the same.
             let _ = hook.send(Access {
                 at: Instant::now(),
-                slots: slots
-                    .iter()
-                    .copied()
-                    .filter(|s| !missing.contains(s))
-                    .collect(),
+                slots: present,
                 kind: AccessKind::PresentRead,
             });
         }

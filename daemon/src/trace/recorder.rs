@@ -192,6 +192,7 @@ impl Recorder {
             return;
         }
         let mut images = self.images.lock().expect("recorder lock");
+        let mut started = false;
         for (manifest, img) in images.iter_mut() {
             for d in digests {
                 let Some(w) = img.chunks.get(d) else {
@@ -208,6 +209,7 @@ impl Recorder {
                         .map(|d| d.as_secs())
                         .unwrap_or(0);
                     tracing::info!(image = %img.reference, "recording an access trace");
+                    started = true;
                     img.phase = Phase::Recording {
                         first: at,
                         last: at,
@@ -237,7 +239,9 @@ impl Recorder {
                 }
             }
         }
-        self.publish_recordings(&images);
+        if started {
+            self.publish_recordings(&images);
+        }
     }
 
     /// Tells the frontend whether reads of present data are worth reporting.

@@ -25,7 +25,7 @@ use tokio::io::unix::AsyncFd;
 
 use super::sys::{self, Request};
 use crate::core::{Core, Priority};
-use crate::frontend::fanotify::holder::{MSG_STOP, decode_event};
+use crate::frontend::fanotify::holder::{MSG_STOP, recv_message};
 
 /// The open store object: its id and anonymous descriptor.
 pub type StoreObject = (u32, Arc<OwnedFd>);
@@ -249,34 +249,12 @@ async fn wait_for_stop(socket: OwnedFd) -> io::Result<()> {
     // descriptor for the AsyncFd's whole life.
     let socket = unsafe { AsyncFd::register_with_interest(socket, Interest::READABLE) }
         .map_err(|e| e.into_parts().1)?;
-    let mut m = [0u8; 64];
-    loop {
-        let mut guard = socket.readable().await?;
-        // SAFETY: m is valid for 64 bytes.
-        let n = unsafe {
-            libc::recv(
-                socket.get_ref().as_raw_fd(),
-                m.as_mut_ptr().cast(),
-                m.len(),
-                libc::MSG_DONTWAIT,
-            )
-        };
-        if n < 0 {
-            let e = io::Error::last_os_error();
-            if e.kind() == io::ErrorKind::WouldBlock {
-                guard.clear_ready();
-                continue;
-            }
-            return Err(e);
-        }
-        if n == 0 {
-            tracing::warn!("the holder went away");
-            return Ok(());
-        }
-        if let Some((_, MSG_STOP, _, _)) = decode_event(&m[..n as usize]) {
+    while let Some((_, kind, _, _)) = recv_message(&socket).await? {
+        if kind == MSG_STOP {
             return Ok(());
         }
     }
+    Ok(())
 }
 
 struct Ring {

@@ -79,6 +79,42 @@ pub fn decode_event(m: &[u8]) -> Option<(RawFd, u32, u64, u64)> {
     ))
 }
 
+/// Receives the next well-formed holder → server message; None when the holder went
+/// away. Malformed messages are logged and skipped.
+pub async fn recv_message(
+    socket: &tokio::io::unix::AsyncFd<OwnedFd>,
+) -> io::Result<Option<(RawFd, u32, u64, u64)>> {
+    let mut m = [0u8; 64];
+    loop {
+        let mut guard = socket.readable().await?;
+        // SAFETY: m is valid for 64 bytes.
+        let n = unsafe {
+            libc::recv(
+                socket.get_ref().as_raw_fd(),
+                m.as_mut_ptr().cast(),
+                m.len(),
+                libc::MSG_DONTWAIT,
+            )
+        };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::WouldBlock {
+                guard.clear_ready();
+                continue;
+            }
+            return Err(e);
+        }
+        if n == 0 {
+            tracing::warn!("the holder went away");
+            return Ok(None);
+        }
+        match decode_event(&m[..n as usize]) {
+            Some(msg) => return Ok(Some(msg)),
+            None => tracing::error!(len = n, "malformed message from the holder"),
+        }
+    }
+}
+
 pub fn encode_answer(fd: RawFd, response: u32) -> [u8; ANSWER_MSG_LEN] {
     let mut m = [0u8; ANSWER_MSG_LEN];
     m[0..4].copy_from_slice(&fd.to_ne_bytes());

@@ -11,7 +11,7 @@ use tokio::io::unix::AsyncFd;
 use tokio::sync::Notify;
 
 use super::holder::{
-    ANSWER_MSG_LEN, MSG_EVENT, MSG_PRESENT_READ, MSG_STOP, decode_event, encode_answer,
+    ANSWER_MSG_LEN, MSG_EVENT, MSG_PRESENT_READ, MSG_STOP, encode_answer, recv_message,
 };
 use super::sys;
 use crate::core::{Core, Priority};
@@ -30,34 +30,10 @@ pub async fn serve(
         unsafe { AsyncFd::register_with_interest(socket, Interest::READABLE | Interest::WRITABLE) }
             .map_err(|e| e.into_parts().1)?;
     let socket = Arc::new(socket);
-    let mut m = [0u8; 64];
     loop {
-        let mut guard = socket.readable().await?;
-        // SAFETY: m is valid for 64 bytes.
-        let n = unsafe {
-            libc::recv(
-                socket.get_ref().as_raw_fd(),
-                m.as_mut_ptr().cast(),
-                m.len(),
-                libc::MSG_DONTWAIT,
-            )
-        };
-        if n < 0 {
-            let e = io::Error::last_os_error();
-            if e.kind() == io::ErrorKind::WouldBlock {
-                guard.clear_ready();
-                continue;
-            }
-            return Err(e);
-        }
-        if n == 0 {
-            tracing::warn!("the holder went away");
+        let Some((fd, kind, offset, count)) = recv_message(&socket).await? else {
             stop.notify_waiters();
             return Ok(());
-        }
-        let Some((fd, kind, offset, count)) = decode_event(&m[..n as usize]) else {
-            tracing::error!(len = n, "malformed message from the holder");
-            continue;
         };
         match kind {
             MSG_STOP => {
