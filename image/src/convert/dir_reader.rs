@@ -25,6 +25,7 @@ use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
+use super::chunking::{CutError, cut};
 use super::tar_reader::ChunkingOptions;
 use crate::index::path::MAX_SYMLINK;
 use crate::index::{
@@ -332,40 +333,22 @@ impl Walker {
                 data: FileData::Inline(data),
             });
         }
-        let cs = self.opts.chunk_size as u64;
-        let mut ids = Vec::with_capacity(size.div_ceil(cs) as usize);
-        let mut done = 0u64;
-        while done < size {
-            let want = (size - done).min(cs) as usize;
-            let mut buf = vec![0u8; want];
-            let mut filled = 0;
-            while filled < want {
-                match f.read(&mut buf[filled..]) {
-                    Ok(0) => return Err(changed(done + filled as u64)),
-                    Ok(n) => filled += n,
-                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                    Err(e) => {
-                        return Err(Self::err(
-                            rel,
-                            format!("reading at offset {}: {e}", done + filled as u64),
-                        ));
-                    }
-                }
-            }
-            done += want as u64;
+        let ids = cut(&mut f, size, self.opts.chunk_size as u64, |buf| {
             let digest = Sha256::of(&buf);
-            let id = match self.chunk_ids.get(&digest) {
-                Some(&id) => id,
-                None => {
-                    let id = self.chunks.len() as u32;
-                    self.chunk_ids.insert(digest, id);
-                    self.chunks.push((digest, want as u32));
-                    emit(&digest, buf).map_err(|e| Self::err(rel, e))?;
-                    id
-                }
-            };
-            ids.push(id);
-        }
+            if let Some(&id) = self.chunk_ids.get(&digest) {
+                return Ok(id);
+            }
+            let id = self.chunks.len() as u32;
+            self.chunk_ids.insert(digest, id);
+            self.chunks.push((digest, buf.len() as u32));
+            emit(&digest, buf)?;
+            Ok(id)
+        })
+        .map_err(|e: CutError<String>| match e {
+            CutError::Short(got) => changed(got),
+            CutError::Read(at, e) => Self::err(rel, format!("reading at offset {at}: {e}")),
+            CutError::Chunk(e) => Self::err(rel, e),
+        })?;
         let mut probe = [0u8; 1];
         if f.read(&mut probe).map_err(|e| Self::err(rel, e))? != 0 {
             return Err(changed(size + 1));

@@ -4,6 +4,7 @@
 //! groups chunks into content-defined packs of zstd frames, `layer` runs both over one
 //! streamed layer blob, and `image` drives a whole image from source to destination.
 
+pub mod chunking;
 pub mod dir_reader;
 pub mod layer;
 pub mod packer;

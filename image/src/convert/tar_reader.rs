@@ -8,6 +8,7 @@ use std::io::Read;
 
 use base64::Engine as _;
 
+use super::chunking::{CutError, cut};
 use super::packer::{PackJob, PackPolicy};
 use crate::index::{
     ChunkRef, Entry, EntryKind, FileData, MAX_CHUNK_SIZE, MAX_INLINE, MIN_CHUNK_SIZE, Sha256,
@@ -353,29 +354,14 @@ impl State {
                 data: FileData::Inline(data),
             });
         }
-        let cs = self.opts.chunk_size as u64;
-        let mut ids = Vec::with_capacity(size.div_ceil(cs) as usize);
-        let mut done = 0u64;
-        while done < size {
-            let want = (size - done).min(cs) as usize;
-            let mut buf = vec![0u8; want];
-            let mut filled = 0;
-            while filled < want {
-                match entry.read(&mut buf[filled..]) {
-                    Ok(0) => return Err(short(done + filled as u64)),
-                    Ok(n) => filled += n,
-                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                    Err(e) => {
-                        return Err(format!(
-                            "reading file data at offset {}: {e}",
-                            done + filled as u64
-                        ));
-                    }
-                }
-            }
-            done += want as u64;
-            ids.push(self.add_chunk(buf, emit)?);
-        }
+        let ids = cut(entry, size, self.opts.chunk_size as u64, |buf| {
+            self.add_chunk(buf, emit)
+        })
+        .map_err(|e| match e {
+            CutError::Short(got) => short(got),
+            CutError::Read(at, e) => format!("reading file data at offset {at}: {e}"),
+            CutError::Chunk(e) => e,
+        })?;
         Ok(EntryKind::File {
             size,
             data: FileData::Chunks(ids),
