@@ -447,13 +447,25 @@ impl Bench {
         }
         let mark = self.reg.access_log()?.len();
         let t0 = Instant::now();
+        let wall0 = std::time::SystemTime::now();
         ctd.pull(image, "dedup", true, &[]).with_context(logs)?;
+        let pulled = t0.elapsed();
         let t = self.run_until_ok(&ctd, "dedup", image, sys, w, n, mark, t0, logs)?;
         if let Some(dir) = std::env::var_os("DEDUP_COLDSTART_LOGS") {
             // For reading a trial's timeline afterwards.
             let port = ep.plain.rsplit(':').next().unwrap_or("");
             let f = PathBuf::from(dir).join(format!("{}-{}-{n}-{port}.log", sys.key(), w.key()));
-            std::fs::write(&f, logs())?;
+            // Unix time of the pull's start, to line the logs' timestamps up with it.
+            let start = wall0
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap_or_default()
+                .as_secs_f64();
+            let head = format!(
+                "pull started at unix {start:.3}; pulled after {:.3} s; ok after {:.3} s\n",
+                pulled.as_secs_f64(),
+                t.secs
+            );
+            std::fs::write(&f, head + &logs())?;
         }
         if sys == System::DedupTrace {
             let replays = dedupd.metric("dedupd_held_trace_replays_started_total")?;

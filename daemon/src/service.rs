@@ -67,6 +67,8 @@ struct Registered {
 }
 
 pub struct Daemon {
+    /// For work that outlives a call (a deferred layer mount).
+    me: std::sync::Weak<Daemon>,
     cfg: Config,
     root: NodeRoot,
     store: Arc<Store>,
@@ -493,6 +495,10 @@ impl DaemonOps for Daemon {
         self.acquire_layer_impl(req).await
     }
 
+    async fn wait_layer(&self, chain: Sha256) -> Result<()> {
+        self.wait_layer_impl(&chain.hex()).await
+    }
+
     async fn import_layer(&self, req: control::ImportLayer) -> Result<proto::LayerMount> {
         self.import_layer_impl(req).await
     }
@@ -618,7 +624,8 @@ pub async fn run_server(cfg: Config) -> Result<()> {
             },
         )
     });
-    let daemon = Arc::new(Daemon {
+    let daemon = Arc::new_cyclic(|me| Daemon {
+        me: me.clone(),
         cfg: cfg.clone(),
         root,
         store,

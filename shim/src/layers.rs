@@ -33,7 +33,7 @@ use dedup_image::index::Sha256;
 use dedup_image::oci::Digest;
 use dedup_proto::daemon::daemon_client::DaemonClient;
 use dedup_proto::daemon::{
-    self as pb, AcquireLayerRequest, ImportLayerRequest, ReleaseLayerRequest,
+    self as pb, AcquireLayerRequest, ImportLayerRequest, ReleaseLayerRequest, WaitLayerRequest,
 };
 use tonic::transport::Channel;
 use tracing::info;
@@ -325,6 +325,9 @@ impl Layers {
             owner: owner.to_string(),
             reference: remote.reference.clone(),
             manifest_digest: remote.manifest_digest.clone(),
+            // containerd only records the snapshot now; whoever mounts a snapshot on
+            // this layer waits for it first (`wait`), so the pull does not.
+            defer_mount: true,
         };
         let m = self.call(
             "AcquireLayer",
@@ -356,6 +359,16 @@ impl Layers {
         let new_bytes = m.new_bytes;
         info!(chain, owner, mount = %m.mountpoint, new_chunks = m.new_chunks, new_bytes, "imported layer");
         Ok((layer_ref(m, Origin::Imported)?, new_bytes))
+    }
+
+    /// Waits until `chain` (and every layer below it) is mounted: an acquired layer is
+    /// mounted in the background.
+    pub fn wait(&self, chain: &str) -> Result<(), Error> {
+        let req = WaitLayerRequest {
+            chain_id: chain.to_string(),
+        };
+        self.call("WaitLayer", |mut c| async move { c.wait_layer(req).await })?;
+        Ok(())
     }
 
     /// Drops `owner`'s hold on `chain`.

@@ -264,6 +264,10 @@ impl Snapshotter {
         parent: &str,
         labels: &BTreeMap<String, String>,
     ) -> Result<Vec<Mount>> {
+        // The new snapshot's directory takes its root's attributes from the parent's
+        // mount, and the returned mounts stack it.
+        let parent_id = self.meta.read(|tx| tx.lookup(parent))?.map(|(id, _)| id);
+        self.wait_for_layer(parent_id)?;
         let s = self.meta.write(|tx| {
             let s = tx.create(kind, key, parent, labels)?;
             let parent_root = s.parent_ids.first().map(|p| match s.layer_mounts.get(p) {
@@ -284,7 +288,21 @@ impl Snapshotter {
     /// The mounts of an active or view snapshot.
     pub fn mounts(&self, key: &str) -> Result<Vec<Mount>> {
         let s = self.meta.read(|tx| tx.get_snapshot(key))?;
+        self.wait_for_layer(s.parent_ids.first().copied())?;
         Ok(fs::mounts(&self.layout, &s, &self.overlay))
+    }
+
+    /// Waits until the layer of committed snapshot `id` (and so every layer below it)
+    /// is mounted: dedupd mounts an acquired layer in the background, and nothing may
+    /// use its mountpoint before.
+    fn wait_for_layer(&self, id: Option<metadata::Id>) -> Result<()> {
+        let (Some(ly), Some(id)) = (&self.layers, id) else {
+            return Ok(());
+        };
+        if let Some(layer) = self.meta.read(|tx| tx.layer(id))? {
+            ly.wait(&layer.chain_id)?;
+        }
+        Ok(())
     }
 
     /// Commits the active snapshot `key` as `name`, recording its usage. With

@@ -84,6 +84,24 @@ impl Api {
         self.rt.block_on(client::import_layer(&mut self.c, req))
     }
 
+    fn wait(&mut self, chain: &str) -> Result<(), tonic::Status> {
+        let req = proto::WaitLayerRequest {
+            chain_id: chain.to_string(),
+        };
+        self.rt.block_on(self.c.wait_layer(req)).map(|_| ())
+    }
+
+    fn list(&mut self) -> Vec<proto::HeldLayer> {
+        let req = proto::ListLayersRequest {
+            owner_prefix: String::new(),
+        };
+        self.rt
+            .block_on(self.c.list_layers(req))
+            .unwrap()
+            .into_inner()
+            .layers
+    }
+
     fn release(&mut self, chain: &str, owner: &str) -> Result<bool, tonic::Status> {
         self.rt
             .block_on(client::release_layer(&mut self.c, chain, owner))
@@ -122,6 +140,7 @@ fn acquire_requests(
             owner: owner.to_string(),
             reference: String::new(),
             manifest_digest: String::new(),
+            defer_mount: false,
         })
         .collect()
 }
@@ -348,9 +367,11 @@ fn assert_nothing_held(d: &Dedupd, api: &mut Api) {
     let node = d.node_root();
     let left = dedup_tests::mounts::mounts_under(&node.join("mnt"));
     assert!(left.is_empty(), "layer mounts left: {left:?}");
-    let holds: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(node.join("holds.json")).unwrap()).unwrap();
-    assert_eq!(holds["layers"].as_array().map(Vec::len), Some(0), "{holds}");
+    // No holds.json: nothing was ever held.
+    if let Ok(bytes) = std::fs::read(node.join("holds.json")) {
+        let holds: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+        assert_eq!(holds["layers"].as_array().map(Vec::len), Some(0), "{holds}");
+    }
     let kept: Vec<_> = std::fs::read_dir(node.join("indexes"))
         .map(|rd| rd.flatten().map(|e| e.path()).collect())
         .unwrap_or_default();
@@ -511,6 +532,79 @@ fn acquire_read_share_release_and_refuse_bad_requests() {
     assert!(api.release(&top.chain_id, "test/b").unwrap());
     assert!(!mounted(&top_mnt));
     assert!(api.release(&bottom.chain_id, "test/a").unwrap());
+    assert_nothing_held(&d, &mut api);
+}
+
+/// The snapshotter's way: AcquireLayer with `defer_mount` answers once the index is
+/// checked; WaitLayer waits for the reservation and the mount, and reports a failure
+/// of either (here a file in the way of the bottom layer's mountpoint), for the layer
+/// and for the layers above it; a failed layer leaves nothing behind and can be
+/// acquired again.
+#[test]
+fn deferred_acquire_is_mounted_by_wait_and_reports_background_failures() {
+    let fx = fixtures().unwrap();
+    let reg = Registry::start().unwrap();
+    let (repo, conv) = converted(&fx, &reg, "py");
+    let (d, _config) = daemon_with(EXACT);
+    let mut api = Api::connect(&d);
+    let mut reqs = acquire_requests(&repo, &conv, "test/deferred");
+    for r in &mut reqs {
+        r.defer_mount = true;
+    }
+    let (bottom, top) = (reqs[0].clone(), reqs[1].clone());
+    let node = d.node_root();
+
+    let e = api.wait(&top.chain_id).unwrap_err();
+    assert_eq!(e.code(), Code::NotFound, "{}", e.message());
+
+    // A regular file where the bottom layer's mount goes: its mount fails in the
+    // background, after AcquireLayer answered.
+    let in_the_way = node
+        .join("mnt")
+        .join(bottom.chain_id.trim_start_matches("sha256:"));
+    std::fs::create_dir_all(in_the_way.parent().unwrap()).unwrap();
+    std::fs::write(&in_the_way, b"not a directory").unwrap();
+    let b = api.acquire(bottom.clone()).unwrap();
+    let t = api.acquire(top.clone()).unwrap();
+    assert_eq!(PathBuf::from(&b.mountpoint), in_the_way);
+    let e = api.wait(&bottom.chain_id).unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{}", e.message());
+    assert!(e.message().contains(&bottom.chain_id), "{}", e.message());
+    println!("bottom: {}", e.message());
+    let e = api.wait(&top.chain_id).unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{}", e.message());
+    assert!(
+        e.message().contains("the layer below could not be held"),
+        "{}",
+        e.message()
+    );
+    println!("top: {}", e.message());
+    assert!(!mounted(Path::new(&t.mountpoint)));
+    assert!(api.list().is_empty(), "failed layers are not held");
+    let e = api.release(&top.chain_id, "test/deferred").unwrap_err();
+    assert_eq!(e.code(), Code::NotFound, "{}", e.message());
+    std::fs::remove_file(&in_the_way).unwrap();
+    assert_nothing_held(&d, &mut api);
+
+    // Out of the way: both layers are held and mounted once WaitLayer answers.
+    let _ = api.acquire(bottom.clone()).unwrap();
+    let t = api.acquire(top.clone()).unwrap();
+    api.wait(&top.chain_id).unwrap();
+    let top_mnt = PathBuf::from(&t.mountpoint);
+    assert!(mounted(&top_mnt));
+    let held = api.list();
+    assert_eq!(held.len(), 2, "{held:?}");
+    let (path, size, _) = multi_chunk_file(&conv.layers[1].1);
+    let got = read(&top_mnt.join(&path)).unwrap();
+    assert_eq!(got.len() as u64, size);
+    check_against_index(&conv.layers[1].1, &path, &got);
+    // A second owner while nothing is pending any more, then both released.
+    let mut again = top.clone();
+    again.owner = "test/other".into();
+    assert_eq!(api.acquire(again).unwrap().mountpoint, t.mountpoint);
+    assert!(!api.release(&top.chain_id, "test/other").unwrap());
+    assert!(api.release(&top.chain_id, "test/deferred").unwrap());
+    assert!(api.release(&bottom.chain_id, "test/deferred").unwrap());
     assert_nothing_held(&d, &mut api);
 }
 

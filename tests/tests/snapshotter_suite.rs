@@ -70,6 +70,8 @@ struct Shim {
     child: Option<Child>,
     /// dedupd holding the layers; None: plain directories (`--no-daemon`).
     dedupd: Option<Dedupd>,
+    /// A plain-HTTP registry (`--insecure-registry`).
+    insecure: Option<String>,
 }
 
 impl Shim {
@@ -84,6 +86,7 @@ impl Shim {
             dir,
             child: None,
             dedupd: None,
+            insecure: None,
         };
         s.spawn();
         s
@@ -102,6 +105,25 @@ impl Shim {
             dir,
             child: None,
             dedupd: Some(Dedupd::start(&[]).expect("starting dedupd")),
+            insecure: None,
+        };
+        s.spawn();
+        s
+    }
+
+    /// `start_dedup` for converted layers in `registry` (host:port, plain HTTP).
+    fn start_dedup_for(registry: &str) -> Shim {
+        require_root("the snapshotter suite (overlay and bind mounts)");
+        let dir = tempfile::Builder::new()
+            .prefix("dedup-shim-")
+            .tempdir_in("/var/tmp")
+            .unwrap();
+        fs::create_dir(dir.path().join("work")).unwrap();
+        let mut s = Shim {
+            dir,
+            child: None,
+            dedupd: Some(Dedupd::start(&[]).expect("starting dedupd")),
+            insecure: Some(registry.to_string()),
         };
         s.spawn();
         s
@@ -147,6 +169,11 @@ impl Shim {
                 Some(d) => vec!["--daemon-socket".into(), d.socket().as_os_str().to_owned()],
                 None => vec![std::ffi::OsString::from("--no-daemon")],
             })
+            .args(
+                self.insecure
+                    .iter()
+                    .flat_map(|h| ["--insecure-registry".to_string(), h.clone()]),
+            )
             .stdout(log.try_clone().unwrap())
             .stderr(log)
             .spawn()
@@ -1893,6 +1920,88 @@ async fn bad_remote_layer_labels() {
     let all = c.list(&[]).await.unwrap();
     assert_eq!(all.len(), 1, "{all:?}");
     assert_eq!((all[0].name.as_str(), kind(&all[0])), ("k4", Kind::Active));
+}
+
+/// A converted layer is committed as soon as dedupd checked its index, and mounted in
+/// the background: when that mount fails (here a file sits where the top layer's mount
+/// goes), the Prepare of a container on the layer fails naming the layer and why, and
+/// creates nothing; the layer below, mounted fine, serves a view.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn remote_layer_mount_failure_reaches_the_prepare_that_needs_it() {
+    use dedup_image::convert::{ConvertOptions, convert_image, host_platform};
+    use dedup_image::converted;
+    use dedup_image::endpoint::Endpoint as ImageEndpoint;
+    use dedup_image::index::Sha256;
+    use dedup_image::registry::ClientOptions;
+
+    let fx = dedup_tests::fixtures::fixtures().unwrap();
+    let reg = dedup_tests::registry::Registry::start().unwrap();
+    let plain = ClientOptions {
+        plain_http: true,
+        ..ClientOptions::default()
+    };
+    let repo = format!("{}/remote/py", reg.host());
+    let src = ImageEndpoint::parse(&fx.oci_ref("py"), &plain).unwrap();
+    let dst = std::sync::Arc::new(ImageEndpoint::parse(&format!("{repo}:py"), &plain).unwrap());
+    convert_image(&src, dst.clone(), &ConvertOptions::default())
+        .await
+        .unwrap();
+    let conv = converted::open(&dst, &host_platform()).await.unwrap();
+    assert_eq!(conv.layers.len(), 2);
+    let shim = Shim::start_dedup_for(&reg.host());
+    let dedupd = shim.dedupd.as_ref().unwrap();
+    let mut c = shim.client().await;
+    let remote = |n: usize, target: &str| {
+        let (desc, index) = &conv.layers[n];
+        labels(&[
+            ("containerd.io/snapshot.ref", target),
+            (
+                "containerd.io/snapshot/dedup.layer-index",
+                desc.digest.as_ref(),
+            ),
+            ("containerd.io/snapshot/dedup.diff-id", &index.diff_id.oci()),
+            ("containerd.io/snapshot/dedup.source-repository", &repo),
+        ])
+    };
+    // The top layer's chain, as the shim computes it: its mountpoint is in the way.
+    let (d0, d1) = (conv.layers[0].1.diff_id, conv.layers[1].1.diff_id);
+    let top_chain = Sha256::of(format!("{} {}", d0.oci(), d1.oci()).as_bytes());
+    let in_the_way = dedupd.node_root().join("mnt").join(top_chain.hex());
+    fs::create_dir_all(in_the_way.parent().unwrap()).unwrap();
+    fs::write(&in_the_way, b"not a directory").unwrap();
+
+    let e = c
+        .prepare_l("pull-0", "", remote(0, "layer-0"))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::AlreadyExists, "{e:?}");
+    let e = c
+        .prepare_l("pull-1", "layer-0", remote(1, "layer-1"))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::AlreadyExists, "{e:?}");
+    let e = c.prepare("container", "layer-1").await.unwrap_err();
+    println!(
+        "Prepare on the failed layer: {:?}: {}",
+        e.code(),
+        e.message()
+    );
+    assert!(
+        e.message().contains(&top_chain.oci()) && e.message().contains("could not be held"),
+        "{e:?}"
+    );
+    assert!(e.message().contains("File exists"), "{e:?}");
+    let names = c.names(&[]).await.unwrap();
+    assert!(!names.contains(&"container".to_string()), "{names:?}");
+    // The bottom layer is fine: a view of it lists the base image's files.
+    let work = shim.work().join("view");
+    fs::create_dir_all(&work).unwrap();
+    let m = c.view("base", "layer-0").await.unwrap();
+    {
+        let _m = mount_all(&m, &work);
+        assert!(work.join("etc/debian_version").exists());
+    }
+    fs::remove_file(&in_the_way).unwrap();
 }
 
 /// A hold dedupd keeps for a snapshot that does not exist (a crash between the hold

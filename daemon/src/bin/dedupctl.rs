@@ -540,6 +540,8 @@ async fn layer_command(socket: &std::path::Path, cmd: LayerCommand) -> Result<()
                     owner,
                     reference,
                     manifest_digest: manifest,
+                    // The command answers with a mount one can use.
+                    defer_mount: false,
                 },
             )
             .await

@@ -96,6 +96,11 @@ pub trait DaemonOps: Send + Sync + 'static {
         let _ = owner_prefix;
         Err(OpError::new(ErrorKind::Unimplemented, "this daemon does not hold layers").into())
     }
+    /// Waits until the layer `chain` (acquired with `defer_mount`) is mounted and held.
+    async fn wait_layer(&self, chain: Sha256) -> anyhow::Result<()> {
+        let _ = chain;
+        Err(OpError::new(ErrorKind::Unimplemented, "this daemon does not hold layers").into())
+    }
 }
 
 /// A validated AcquireLayer request.
@@ -113,6 +118,8 @@ pub struct AcquireLayer {
     pub reference: String,
     /// The image manifest the layer belongs to, when the caller knows it.
     pub manifest: Option<Sha256>,
+    /// Answer once the index is checked; reserve and mount in the background.
+    pub defer_mount: bool,
 }
 
 /// A validated ImportLayer request.

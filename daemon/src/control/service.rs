@@ -13,6 +13,7 @@ use super::proto::{
     ListLayersRequest, ListLayersResponse, MetricsRequest, MetricsResponse, MountRequest,
     MountResponse, RegisterImageRequest, ReleaseLayerRequest, ReleaseLayerResponse, ReplayProgress,
     ReplayTraceRequest, StatusRequest, StatusResponse, Trace, UnmountRequest, UnmountResponse,
+    WaitLayerRequest, WaitLayerResponse,
 };
 use super::{AcquireLayer, DaemonOps, ImportLayer, to_status, validate};
 
@@ -201,6 +202,7 @@ impl Daemon for ControlService {
                 owner: r.owner,
                 reference: r.reference,
                 manifest,
+                defer_mount: r.defer_mount,
             })
         })()
         .map_err(|e| rejected(M, e))?;
@@ -253,6 +255,19 @@ impl Daemon for ControlService {
         let unmounted =
             detached(M, async move { ops.release_layer(chain, &r.owner).await }).await?;
         Ok(Response::new(ReleaseLayerResponse { unmounted }))
+    }
+
+    async fn wait_layer(
+        &self,
+        req: Request<WaitLayerRequest>,
+    ) -> Result<Response<WaitLayerResponse>, Status> {
+        const M: &str = "WaitLayer";
+        let r = req.into_inner();
+        let chain = validate::digest("chain_id", &r.chain_id).map_err(|e| rejected(M, e))?;
+        debug!(chain = %chain, "WaitLayer");
+        let ops = self.ops.clone();
+        detached(M, async move { ops.wait_layer(chain).await }).await?;
+        Ok(Response::new(WaitLayerResponse {}))
     }
 
     async fn list_layers(

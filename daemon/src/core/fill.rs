@@ -501,17 +501,31 @@ impl Core {
             .values()
             .flat_map(|c| c.slots.values().map(|(_, tx)| tx.subscribe()))
             .collect();
+        // Where each asked slot stands in the caller's order (a trace's order when
+        // replaying): runs go out in the order of their earliest chunk, so the data a
+        // workload reads first arrives first even though runs merge neighbours.
+        let asked_at: HashMap<u64, usize> =
+            missing.iter().enumerate().map(|(i, &s)| (s, i)).collect();
         let mut later = Vec::new();
         for (group, run_prio) in [(demanded, prio), (nearby, Priority::Prefetch)] {
             for (_, claimed) in group {
                 let ids: Vec<u32> = claimed.slots.keys().copied().collect();
                 let mut slots = claimed.slots;
-                for run in plan_runs(
+                let mut runs = plan_runs(
                     &claimed.layer.source.index,
                     &ids,
                     self.opts.max_gap,
                     max_run,
-                ) {
+                );
+                runs.sort_by_key(|run| {
+                    run.chunks
+                        .iter()
+                        .filter_map(|id| slots.get(id))
+                        .filter_map(|(slot, _)| asked_at.get(slot).copied())
+                        .min()
+                        .unwrap_or(usize::MAX)
+                });
+                for run in runs {
                     let run_slots: RunSlots = run
                         .chunks
                         .iter()
@@ -575,6 +589,7 @@ impl Core {
 
     async fn fetch_one_run(self: Arc<Self>, job: RunJob) {
         let (layer, run, mut slots, prio, promote) = job;
+        let queued = Instant::now();
         let _permit = match &promote {
             Some(p) => {
                 tokio::select! {
@@ -607,6 +622,7 @@ impl Core {
                 .fetch_sub(1, Ordering::Relaxed);
             match r {
                 Ok(bytes) => {
+                    let fetched_in = start.elapsed();
                     self.metrics
                         .bytes_fetched
                         .fetch_add(this.len, Ordering::Relaxed);
@@ -627,6 +643,16 @@ impl Core {
                         }
                     };
                     self.metrics.observe_fetch(start.elapsed());
+                    tracing::debug!(
+                        layer = %source.name,
+                        ?prio,
+                        chunks = this.chunks.len(),
+                        bytes = this.len,
+                        fetched_ms = fetched_in.as_millis() as u64,
+                        stored_ms = (start.elapsed() - fetched_in).as_millis() as u64,
+                        queued_ms = (start - queued).as_millis() as u64,
+                        "run fetched"
+                    );
                     slots = left;
                     if slots.is_empty() {
                         return;

@@ -11,7 +11,7 @@ use dedup_image::erofs::{self, DeviceSpec, ErofsImage, WriteOptions};
 use dedup_image::index::{ChunkRef, LayerIndex, Sha256};
 
 use super::kernel;
-use super::state::{NodeRoot, write_atomic};
+use super::state::{NodeRoot, write_replace_unsynced};
 use crate::store::{BLOCKS_PER_SLOT, Store};
 
 /// The device-table tag of the store in every layer's metadata.
@@ -59,7 +59,9 @@ pub fn write_metadata(
     let bytes = erofs::write_layer(index, &locate, &device, &opts)
         .with_context(|| format!("writing the EROFS metadata of layer chain {chain}"))?;
     let path = root.layer_metadata(chain);
-    write_atomic(&path, &bytes)?;
+    // Not synced: every mount of a layer writes its metadata anew first (after a crash
+    // the mount is gone with the page cache), so nothing ever mounts a stale copy.
+    write_replace_unsynced(&path, &bytes)?;
     Ok((path, bytes.len() as u64))
 }
 

@@ -224,6 +224,16 @@ impl MountRecord {
 /// Writes `bytes` to `path` through a temporary file in the same directory, synced and
 /// renamed into place, then syncs the directory.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    write_replacing(path, bytes, true)
+}
+
+/// Replaces `path` with `bytes` (a reader sees the old file or the new one) without
+/// waiting for the disk: for files rebuilt from durable state before each use.
+pub fn write_replace_unsynced(path: &Path, bytes: &[u8]) -> Result<()> {
+    write_replacing(path, bytes, false)
+}
+
+fn write_replacing(path: &Path, bytes: &[u8], durable: bool) -> Result<()> {
     let dir = path.parent().context("path without parent")?;
     let tmp = dir.join(format!(
         ".{}.tmp-{}",
@@ -234,6 +244,10 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
         let mut f = File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
         f.write_all(bytes)
             .with_context(|| format!("writing {}", tmp.display()))?;
+        if !durable {
+            return std::fs::rename(&tmp, path)
+                .with_context(|| format!("renaming {} to {}", tmp.display(), path.display()));
+        }
         f.sync_all()
             .with_context(|| format!("syncing {}", tmp.display()))?;
         std::fs::rename(&tmp, path)

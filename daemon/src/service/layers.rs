@@ -5,6 +5,13 @@
 //! Every change runs under one lock (`Daemon::layers`), so two calls on layers never
 //! interleave; releasing store references also takes the image table lock, so a slot
 //! freed here is never handed out by a concurrent image registration in between.
+//!
+//! With `defer_mount` (the snapshotter's way) AcquireLayer answers once the index is
+//! fetched and checked, and the layer is pending: its chunks are reserved outside the
+//! lock, and it is mounted and recorded under the lock once the layer below it is. So
+//! containerd's pull does not wait for reservations and mounts, and the layers of one
+//! pull get them done side by side; WaitLayer is how a user of the mountpoint waits.
+//! A pending layer is lost with a restart (its hold was not recorded yet).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
@@ -15,6 +22,10 @@ use anyhow::{Context, Result, anyhow};
 use dedup_image::convert::{ChunkingOptions, dir_reader};
 use dedup_image::index::{self, LayerIndex, Sha256};
 use dedup_image::oci::Digest;
+
+use bytes::Bytes;
+use dedup_image::endpoint::Endpoint;
+use tokio::sync::watch;
 
 use super::Daemon;
 use crate::control::{AcquireLayer, ImportLayer, OpError, proto};
@@ -31,7 +42,22 @@ pub(super) struct Holds {
     indexes: BTreeMap<String, Arc<LayerIndex>>,
     /// Between the two halves of a restore at start: the slots of each restored layer.
     restored_slots: BTreeMap<String, Vec<u64>>,
+    /// Layers acquired with `defer_mount` whose reservation and mount still run.
+    pending: BTreeMap<String, Pending>,
+    /// Why a deferred acquire failed, for WaitLayer (the newest few).
+    failed: BTreeMap<String, String>,
 }
+
+/// A layer acquired with `defer_mount`: its index is fetched and checked; its chunks are
+/// being reserved and its mount made (`done` says how that ended).
+struct Pending {
+    held: HeldLayer,
+    index: Arc<LayerIndex>,
+    done: watch::Receiver<Option<Result<(), String>>>,
+}
+
+/// Failures of deferred acquires kept for WaitLayer.
+const MAX_FAILED: usize = 64;
 
 impl Holds {
     /// The indexes of `chain`'s ancestry, bottom first, `chain` itself excluded.
@@ -137,11 +163,26 @@ fn mount_held_layer(
         tracing::warn!(mountpoint = %mp.display(), "replacing a layer mount nothing accounts for");
         kernel::unmount(&mp).context("a leftover layer mount is in the way")?;
     }
+    let t = Instant::now();
     let mut full = index.clone();
     let lowers: Vec<&LayerIndex> = lowers.iter().map(|l| l.as_ref()).collect();
     chain::inherit_directories(&mut full, &lowers);
+    let inherited = t.elapsed();
     let (path, _) = layer::write_metadata(root, store, chain_hex, &full, slots)?;
-    layer::mount_layer(&path, store.file_path(), &mp)
+    let written = t.elapsed();
+    if let Err(e) = layer::mount_layer(&path, store.file_path(), &mp) {
+        // Nothing mounts it: it would only be left behind.
+        let _ = std::fs::remove_file(&path);
+        return Err(e);
+    }
+    tracing::debug!(
+        chain = chain_hex,
+        inherit_ms = inherited.as_millis() as u64,
+        metadata_ms = (written - inherited).as_millis() as u64,
+        mount_ms = (t.elapsed() - written).as_millis() as u64,
+        "layer mounted"
+    );
+    Ok(())
 }
 
 impl Daemon {
@@ -203,6 +244,10 @@ impl Daemon {
 
     fn check_parent(st: &Holds, parent: Option<&str>) -> Result<()> {
         if let Some(p) = parent {
+            if st.pending.contains_key(p) {
+                // Its mount is still being made; ours waits for it.
+                return Ok(());
+            }
             if !st.layers.contains_key(p) {
                 return Err(OpError::failed_precondition(format!(
                     "parent_chain_id: layer sha256:{p} is not held; hold the layers below first"
@@ -260,31 +305,251 @@ impl Daemon {
 
     pub(super) async fn acquire_layer_impl(&self, a: AcquireLayer) -> Result<proto::LayerMount> {
         self.look_up_image_trace(&a);
-        let (mount, index) = self.hold_remote_layer(&a).await?;
-        self.held_layer_of_image(&a, &index);
-        Ok(mount)
+        self.hold_remote_layer(&a).await
+    }
+
+    /// Waits until `chain_hex` is held and mounted (a deferred acquire finished).
+    pub(super) async fn wait_layer_impl(&self, chain_hex: &str) -> Result<()> {
+        let mut done = {
+            let st = self.layers.lock().await;
+            if st.layers.contains_key(chain_hex) {
+                return Ok(());
+            }
+            match (st.pending.get(chain_hex), st.failed.get(chain_hex)) {
+                (Some(p), _) => p.done.clone(),
+                (None, Some(why)) => {
+                    return Err(OpError::failed_precondition(format!(
+                        "layer sha256:{chain_hex} could not be held: {why}"
+                    ))
+                    .into());
+                }
+                (None, None) => {
+                    return Err(OpError::not_found(format!(
+                        "chain_id: layer sha256:{chain_hex} is not held"
+                    ))
+                    .into());
+                }
+            }
+        };
+        let outcome = done
+            .wait_for(Option::is_some)
+            .await
+            .map(|o| o.clone())
+            .map_err(|_| anyhow!("the mount of layer sha256:{chain_hex} was abandoned"))?;
+        match outcome {
+            Some(Ok(())) => Ok(()),
+            Some(Err(why)) => Err(OpError::failed_precondition(format!(
+                "layer sha256:{chain_hex} could not be held: {why}"
+            ))
+            .into()),
+            None => unreachable!("waited for Some"),
+        }
     }
 
     /// Holds the layer for `a.owner`: mounted already, or fetched, registered and
-    /// mounted now.
-    async fn hold_remote_layer(
-        &self,
-        a: &AcquireLayer,
-    ) -> Result<(proto::LayerMount, Arc<LayerIndex>)> {
+    /// mounted now (with `a.defer_mount`: registered and mounted in the background).
+    async fn hold_remote_layer(&self, a: &AcquireLayer) -> Result<proto::LayerMount> {
         let chain_hex = a.chain.hex();
         let parent = a.parent.map(|p| p.hex());
         let mut st = self.layers.lock().await;
         if st.layers.contains_key(&chain_hex) {
-            return self.hold_again(&mut st, &chain_hex, parent.as_deref(), &a.owner);
+            let (mount, index) =
+                self.hold_again(&mut st, &chain_hex, parent.as_deref(), &a.owner)?;
+            drop(st);
+            self.held_layer_of_image(a, &index);
+            return Ok(mount);
+        }
+        if st.pending.contains_key(&chain_hex) {
+            return self.hold_pending_again(&mut st, a, &chain_hex, parent.as_deref());
         }
         Self::check_parent(&st, parent.as_deref())?;
+        let started = Instant::now();
+        let (endpoint, blob, index, fetched_ahead) = self.fetch_checked_index(a).await?;
+        let fetched = started.elapsed();
+        let index = Arc::new(index);
+        let held = HeldLayer {
+            chain: chain_hex.clone(),
+            parent: parent.clone(),
+            index_digest: a.index_digest.oci(),
+            diff_id: a.diff_id.oci(),
+            source: HoldSource::Registry {
+                repository: a.repository.clone(),
+                plain_http: a.plain_http,
+            },
+            reference: a.reference.clone(),
+            owners: BTreeSet::from([a.owner.clone()]),
+        };
+        let mount = self.layer_mount(&held, &index, blob.len() as u64, (0, 0));
+        if a.defer_mount {
+            let this = self
+                .me
+                .upgrade()
+                .ok_or_else(|| anyhow!("dedupd is stopping"))?;
+            let (tx, done) = watch::channel(None);
+            st.failed.remove(&chain_hex);
+            st.pending.insert(
+                chain_hex.clone(),
+                Pending {
+                    held,
+                    index: index.clone(),
+                    done,
+                },
+            );
+            drop(st);
+            tracing::info!(
+                chain = %chain_hex,
+                index = %a.index_digest,
+                owner = %a.owner,
+                fetched_ms = fetched.as_millis() as u64,
+                fetched_ahead,
+                "layer index checked; reserving and mounting in the background"
+            );
+            let a = a.clone();
+            tokio::spawn(async move {
+                let res = this
+                    .finish_deferred(&a, endpoint, &index, &blob, (started, fetched_ahead))
+                    .await;
+                if let Err(e) = &res {
+                    tracing::error!(chain = %a.chain, index = %a.index_digest, error = %format!("{e:#}"), "deferred layer acquire failed");
+                    this.fail_pending(&a.chain.hex(), &a.index_digest.oci(), e)
+                        .await;
+                }
+                let _ = tx.send(Some(res.map_err(|e| format!("{e:#}"))));
+            });
+            return Ok(mount);
+        }
+        let slots = self.reserve_layer(a, endpoint, &index).await?;
+        let reserved = started.elapsed();
+        self.install_hold(&mut st, &held, &index, &blob, slots)
+            .await
+            .with_context(|| format!("acquiring layer sha256:{chain_hex}"))?;
+        self.write_mounts_file()?;
+        drop(st);
+        log_acquired(
+            a,
+            &index,
+            blob.len(),
+            fetched,
+            fetched_ahead,
+            reserved,
+            started,
+        );
+        self.held_layer_of_image(a, &index);
+        Ok(mount)
+    }
+
+    /// A further owner of a layer whose deferred acquire still runs.
+    fn hold_pending_again(
+        &self,
+        st: &mut Holds,
+        a: &AcquireLayer,
+        chain_hex: &str,
+        parent: Option<&str>,
+    ) -> Result<proto::LayerMount> {
+        let p = st.pending.get_mut(chain_hex).expect("pending");
+        if p.held.parent.as_deref() != parent {
+            return Err(OpError::invalid_argument(format!(
+                "parent_chain_id: layer sha256:{chain_hex} is held over parent {}, not {}",
+                p.held
+                    .parent
+                    .as_deref()
+                    .map_or("(none)".into(), |p| format!("sha256:{p}")),
+                parent.map_or("(none)".into(), |p| format!("sha256:{p}"))
+            ))
+            .into());
+        }
+        p.held.owners.insert(a.owner.clone());
+        let mount = self.layer_mount(&p.held, &p.index, 0, (0, 0));
+        // Its reads join this image's trace once the layer is registered.
+        if let Some(this) = self.me.upgrade() {
+            let (a, index, mut done) = (a.clone(), p.index.clone(), p.done.clone());
+            tokio::spawn(async move {
+                if let Ok(o) = done.wait_for(Option::is_some).await
+                    && matches!(*o, Some(Ok(())))
+                {
+                    this.held_layer_of_image(&a, &index);
+                }
+            });
+        }
+        Ok(mount)
+    }
+
+    /// The rest of a deferred acquire: reserve and register the chunks, wait for the
+    /// layer below, mount, and record the hold.
+    async fn finish_deferred(
+        &self,
+        a: &AcquireLayer,
+        endpoint: Arc<Endpoint>,
+        index: &Arc<LayerIndex>,
+        blob: &Bytes,
+        (started, fetched_ahead): (Instant, bool),
+    ) -> Result<()> {
+        let chain_hex = a.chain.hex();
+        let fetched = started.elapsed();
+        let slots = self.reserve_layer(a, endpoint, index).await?;
+        let reserved = started.elapsed();
+        // Prefetching for the image's trace starts before the mount is made.
+        self.held_layer_of_image(a, index);
+        if let Some(p) = a.parent {
+            // Its directories are inherited from the layers below, which are recorded
+            // holds once their own deferred acquire finished.
+            self.wait_layer_impl(&p.hex())
+                .await
+                .context("the layer below could not be held")?;
+        }
+        let mut st = self.layers.lock().await;
+        let held = st
+            .pending
+            .get(&chain_hex)
+            .map(|p| p.held.clone())
+            .ok_or_else(|| anyhow!("layer sha256:{chain_hex} is no longer pending"))?;
+        self.install_hold(&mut st, &held, index, blob, slots)
+            .await
+            .with_context(|| format!("acquiring layer sha256:{chain_hex}"))?;
+        st.pending.remove(&chain_hex);
+        self.write_mounts_file()?;
+        drop(st);
+        log_acquired(
+            a,
+            index,
+            blob.len(),
+            fetched,
+            fetched_ahead,
+            reserved,
+            started,
+        );
+        Ok(())
+    }
+
+    /// Forgets a deferred acquire that failed (its hold and mount were undone by
+    /// `install_hold`, or never made), keeping why for WaitLayer.
+    async fn fail_pending(&self, chain_hex: &str, owner: &str, e: &anyhow::Error) {
+        let mut st = self.layers.lock().await;
+        if st.pending.remove(chain_hex).is_none() {
+            return;
+        }
+        if st.failed.len() >= MAX_FAILED
+            && let Some(k) = st.failed.keys().next().cloned()
+        {
+            st.failed.remove(&k);
+        }
+        st.failed.insert(chain_hex.to_string(), format!("{e:#}"));
+        self.release_owner_if_unused(&st, owner).await;
+        holds::forget_index(&self.root, &st.layers, owner);
+    }
+
+    /// Fetches (or takes the fetch ahead of) the layer's index and checks it against
+    /// the request.
+    async fn fetch_checked_index(
+        &self,
+        a: &AcquireLayer,
+    ) -> Result<(Arc<Endpoint>, Bytes, LayerIndex, bool)> {
         let endpoint = Arc::new(
             self.endpoint(&a.repository, a.plain_http)
                 .map_err(|e| OpError::invalid_argument(format!("repository: {e}")))?,
         );
         let digest = Digest::parse(&a.index_digest.oci())
             .map_err(|e| OpError::invalid_argument(format!("index_digest: {e}")))?;
-        let started = Instant::now();
         let ahead = self.held_traces.take_index(&a.index_digest.oci()).await;
         let fetched_ahead = ahead.is_some();
         let blob = match ahead {
@@ -331,15 +596,24 @@ impl Daemon {
             ))
             .into());
         }
-        let fetched = started.elapsed();
-        let owner_name = a.index_digest.oci();
+        Ok((endpoint, blob, index, fetched_ahead))
+    }
+
+    /// Reserves the layer's chunks in the store (owner: its index digest) and registers
+    /// the layer with the core, so its chunks can be fetched.
+    async fn reserve_layer(
+        &self,
+        a: &AcquireLayer,
+        endpoint: Arc<Endpoint>,
+        index: &Arc<LayerIndex>,
+    ) -> Result<Vec<u64>> {
+        let digest = a.index_digest.oci();
         let chunks: Vec<(Sha256, u32)> = index.chunks.iter().map(|c| (c.digest, c.size)).collect();
         let store = self.store.clone();
-        let o = owner_name.clone();
+        let o = digest.clone();
         let slots = tokio::task::spawn_blocking(move || store.reserve(&o, &chunks))
             .await?
             .with_context(|| format!("reserving the chunks of layer {digest}"))?;
-        let index = Arc::new(index);
         let name = if a.reference.is_empty() {
             format!("{} layer {digest}", a.repository)
         } else {
@@ -353,37 +627,7 @@ impl Daemon {
             }),
             &slots,
         );
-        let held = HeldLayer {
-            chain: chain_hex.clone(),
-            parent: parent.clone(),
-            index_digest: owner_name.clone(),
-            diff_id: a.diff_id.oci(),
-            source: HoldSource::Registry {
-                repository: a.repository.clone(),
-                plain_http: a.plain_http,
-            },
-            reference: a.reference.clone(),
-            owners: BTreeSet::from([a.owner.clone()]),
-        };
-        let reserved = started.elapsed();
-        self.install_hold(&mut st, &held, &index, &blob, slots)
-            .await
-            .with_context(|| format!("acquiring layer sha256:{chain_hex}"))?;
-        self.write_mounts_file()?;
-        tracing::info!(
-            chain = %chain_hex,
-            index = %owner_name,
-            owner = %a.owner,
-            chunks = index.chunks.len(),
-            index_bytes = blob.len(),
-            fetched_ms = fetched.as_millis() as u64,
-            fetched_ahead,
-            reserved_ms = reserved.as_millis() as u64,
-            mounted_ms = started.elapsed().as_millis() as u64,
-            "layer acquired"
-        );
-        let mount = self.layer_mount(&held, &index, blob.len() as u64, (0, 0));
-        Ok((mount, index))
+        Ok(slots)
     }
 
     pub(super) async fn import_layer_impl(&self, a: ImportLayer) -> Result<proto::LayerMount> {
@@ -497,6 +741,7 @@ impl Daemon {
         let st = self.layers.lock().await;
         st.layers
             .values()
+            .chain(st.pending.values().map(|p| &p.held))
             .filter_map(|h| {
                 let owners: Vec<String> = h
                     .owners
@@ -522,6 +767,15 @@ impl Daemon {
 
     pub(super) async fn release_layer_impl(&self, chain: Sha256, owner: &str) -> Result<bool> {
         let chain_hex = chain.hex();
+        let pending = {
+            let st = self.layers.lock().await;
+            st.pending.get(&chain_hex).map(|p| p.done.clone())
+        };
+        if let Some(mut done) = pending {
+            // Released while its deferred acquire runs: once that ended, as usual (a
+            // failed one is not held, which the lookup below says).
+            let _ = done.wait_for(Option::is_some).await;
+        }
         let mut st = self.layers.lock().await;
         let Some(h) = st.layers.get(&chain_hex) else {
             return Err(
@@ -580,7 +834,12 @@ impl Daemon {
     /// temporary owner) unless a held layer, a registered image or a mount record still
     /// uses it; forgets the freed slots in the core and the presence bitmap.
     async fn release_owner_if_unused(&self, st: &Holds, owner: &str) {
-        if st.layers.values().any(|l| l.index_digest == owner) {
+        if st
+            .layers
+            .values()
+            .chain(st.pending.values().map(|p| &p.held))
+            .any(|l| l.index_digest == owner)
+        {
             return;
         }
         // Held across the release: no image registration can take a freed slot before
@@ -815,4 +1074,28 @@ fn import_dir(
         receipts: w.receipts,
         new: (w.new_chunks, w.new_bytes),
     })
+}
+
+fn log_acquired(
+    a: &AcquireLayer,
+    index: &LayerIndex,
+    index_bytes: usize,
+    fetched: std::time::Duration,
+    fetched_ahead: bool,
+    reserved: std::time::Duration,
+    started: Instant,
+) {
+    tracing::info!(
+        chain = %a.chain.hex(),
+        index = %a.index_digest,
+        owner = %a.owner,
+        chunks = index.chunks.len(),
+        index_bytes,
+        fetched_ms = fetched.as_millis() as u64,
+        fetched_ahead,
+        reserved_ms = reserved.as_millis() as u64,
+        mounted_ms = started.elapsed().as_millis() as u64,
+        deferred = a.defer_mount,
+        "layer acquired"
+    );
 }

@@ -549,13 +549,17 @@ impl Store {
             let mut touch = tx
                 .prepare_cached("UPDATE chunks SET last_access = ?2 WHERE digest = ?1")
                 .map_err(self.db_err("preparing a touch"))?;
+            let inserted: HashSet<Sha256> = new.iter().map(|(d, _)| *d).collect();
             for digest in known.keys() {
                 add_ref
                     .execute(params![owner, &digest.0[..]])
                     .map_err(self.db_err(format!("adding ref {owner} -> {digest}")))?;
-                touch
-                    .execute(params![&digest.0[..], t])
-                    .map_err(self.db_err(format!("touching chunk {digest}")))?;
+                // Rows inserted above carry this access time already.
+                if !inserted.contains(digest) {
+                    touch
+                        .execute(params![&digest.0[..], t])
+                        .map_err(self.db_err(format!("touching chunk {digest}")))?;
+                }
             }
         }
         // Grow the (sparse) file over the new slots before committing, so a committed

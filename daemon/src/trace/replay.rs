@@ -15,8 +15,10 @@ use super::format::Trace;
 use crate::core::{Core, Priority};
 use crate::store::Store;
 
-/// Chunks per core call: neighbours in one call share Range requests.
-const BATCH: usize = 16;
+/// Chunks per core call: neighbours in one call share Range requests (the core sends
+/// a call's requests in the order of their first chunk), so the larger a batch, the
+/// fewer requests; progress is reported per batch.
+const BATCH: usize = 64;
 
 /// The store slots to fill, in trace order.
 pub struct Plan {
