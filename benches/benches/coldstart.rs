@@ -24,7 +24,8 @@
 //! configuration): lazy on an empty node root without a trace (recording on, and off:
 //! the ratio is the recording's cost), with a trace recorded on another node and pushed
 //! beside the image (dedupd finds and replays it during the pull, see `System`), and
-//! warm (chunks already in the node store); a failure of these rows is printed as a
+//! warm (the image pulled and the workload run once on the node, then, once dedupd
+//! fetches nothing more, caches dropped); a failure of these rows is printed as a
 //! note and does not stop the run. The last table prints dedup's ratios: with trace to
 //! warm, recording on to off, and each to the fastest peer of the cell.
 //!
@@ -222,6 +223,31 @@ fn selected<T: Copy>(var: &str, all: &[T], key: impl Fn(T) -> &'static str) -> R
         }
     }
     Ok(out)
+}
+
+/// Waits until dedupd has no fetch running or queued, at any priority.
+fn wait_until_fetches_end(dedupd: &Dedupd) -> Result<()> {
+    let start = Instant::now();
+    let mut idle_once = false;
+    loop {
+        let mut busy = 0.0;
+        for p in ["on_demand", "prefetch", "background"] {
+            busy += dedupd.metric(&format!("dedupd_fetch_slots_in_use{{priority=\"{p}\"}}"))?;
+            busy += dedupd.metric(&format!("dedupd_fetch_waiting{{priority=\"{p}\"}}"))?;
+        }
+        if busy == 0.0 {
+            if idle_once {
+                return Ok(());
+            }
+            idle_once = true;
+        } else {
+            idle_once = false;
+        }
+        if start.elapsed() > Duration::from_secs(120) {
+            bail!("dedupd still fetching 120 s after the warm-up");
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
 }
 
 fn drop_caches() -> Result<()> {
@@ -443,6 +469,9 @@ impl Bench {
             ctd.pull(image, "dedup", true, &[]).with_context(logs)?;
             ctd.run("dedup", image, &format!("warmup-{n}"), w.args())
                 .with_context(logs)?;
+            // Prefetches the warm-up queued (locality) would otherwise still be running
+            // in the timed trial, sharing its link and CPU: warm means all local.
+            wait_until_fetches_end(&dedupd).with_context(logs)?;
             drop_caches()?;
         }
         let mark = self.reg.access_log()?.len();

@@ -507,7 +507,11 @@ impl Daemon {
             .await
             .with_context(|| format!("acquiring layer sha256:{chain_hex}"))?;
         st.pending.remove(&chain_hex);
-        self.write_mounts_file()?;
+        // The hold stands from here on: failing to update the shutdown list is not the
+        // layer's failure.
+        if let Err(e) = self.write_mounts_file() {
+            tracing::warn!(chain = %chain_hex, error = %format!("{e:#}"), "updating the list of mounts failed");
+        }
         drop(st);
         log_acquired(
             a,
