@@ -501,6 +501,10 @@ impl Store {
                      VALUES (?1, ?2, ?3, 0, ?4, ?5)",
                 )
                 .map_err(self.db_err("preparing a chunk insert"))?;
+            // Slots (and generations) in the caller's order, so a layer's chunks lie in
+            // the store in the layer's order; rows inserted in digest order, which keeps
+            // the B-tree inserts sequential.
+            let mut rows: Vec<(Sha256, u32, i64, i64)> = Vec::with_capacity(new.len());
             for &(digest, size) in &new {
                 let slot = match free.pop() {
                     Some(s) => {
@@ -520,11 +524,15 @@ impl Store {
                         next_slot - 1
                     }
                 };
-                insert
-                    .execute(params![&digest.0[..], slot, size as i64, next_gen, t])
-                    .map_err(self.db_err(format!("inserting chunk {digest} at slot {slot}")))?;
+                rows.push((digest, size, slot, next_gen));
                 next_gen += 1;
                 known.insert(digest, slot as u64);
+            }
+            rows.sort_unstable_by_key(|r| r.0);
+            for (digest, size, slot, gen_) in rows {
+                insert
+                    .execute(params![&digest.0[..], slot, size as i64, gen_, t])
+                    .map_err(self.db_err(format!("inserting chunk {digest} at slot {slot}")))?;
             }
         }
         tx.execute(
@@ -550,7 +558,9 @@ impl Store {
                 .prepare_cached("UPDATE chunks SET last_access = ?2 WHERE digest = ?1")
                 .map_err(self.db_err("preparing a touch"))?;
             let inserted: HashSet<Sha256> = new.iter().map(|(d, _)| *d).collect();
-            for digest in known.keys() {
+            let mut digests: Vec<&Sha256> = known.keys().collect();
+            digests.sort_unstable();
+            for digest in digests {
                 add_ref
                     .execute(params![owner, &digest.0[..]])
                     .map_err(self.db_err(format!("adding ref {owner} -> {digest}")))?;

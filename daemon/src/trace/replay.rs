@@ -15,10 +15,12 @@ use super::format::Trace;
 use crate::core::{Core, Priority};
 use crate::store::Store;
 
-/// Chunks per core call: neighbours in one call share Range requests (the core sends
-/// a call's requests in the order of their first chunk), so the larger a batch, the
-/// fewer requests; progress is reported per batch.
-const BATCH: usize = 64;
+/// Chunks per core call: neighbours in one call share Range requests, and the core
+/// sends a call's requests in the order of their first chunk, so one large call keeps
+/// the trace's order where concurrent small ones would interleave theirs (a workload
+/// reading in trace order then waits behind chunks it reads last). Progress is
+/// reported per batch.
+const BATCH: usize = 256;
 
 /// The store slots to fill, in trace order.
 pub struct Plan {
