@@ -539,7 +539,8 @@ fn acquire_read_share_release_and_refuse_bad_requests() {
 /// checked; WaitLayer waits for the reservation and the mount, and reports a failure
 /// of either (here a file in the way of the bottom layer's mountpoint), for the layer
 /// and for the layers above it; a failed layer leaves nothing behind and can be
-/// acquired again.
+/// acquired again; a server killed right after answering leaves holds the next server
+/// mounts.
 #[test]
 fn deferred_acquire_is_mounted_by_wait_and_reports_background_failures() {
     let fx = fixtures().unwrap();
@@ -603,6 +604,38 @@ fn deferred_acquire_is_mounted_by_wait_and_reports_background_failures() {
     again.owner = "test/other".into();
     assert_eq!(api.acquire(again).unwrap().mountpoint, t.mountpoint);
     assert!(!api.release(&top.chain_id, "test/other").unwrap());
+    assert!(api.release(&top.chain_id, "test/deferred").unwrap());
+    assert!(api.release(&bottom.chain_id, "test/deferred").unwrap());
+    assert_nothing_held(&d, &mut api);
+
+    // The server dies right after answering (the reservations and mounts still to
+    // come): the holds were recorded with the answers, so the next server restores and
+    // mounts them.
+    let _ = api.acquire(bottom.clone()).unwrap();
+    let t = api.acquire(top.clone()).unwrap();
+    let pid = server_pid(&mut api);
+    // SAFETY: kill(2) of the server process of this test's daemon.
+    assert_eq!(unsafe { libc::kill(pid as i32, libc::SIGKILL) }, 0);
+    let started = std::time::Instant::now();
+    let mut api = loop {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        if let Ok(o) = d.ctl(&["status"])
+            && o.status.success()
+            && !String::from_utf8_lossy(&o.stdout).contains(&format!("pid {pid},"))
+        {
+            break Api::connect(&d);
+        }
+        assert!(
+            started.elapsed().as_secs() < 30,
+            "no new server:\n{}",
+            d.log()
+        );
+    };
+    api.wait(&top.chain_id).unwrap();
+    assert!(mounted(Path::new(&t.mountpoint)));
+    let got = read(&PathBuf::from(&t.mountpoint).join(&path)).unwrap();
+    check_against_index(&conv.layers[1].1, &path, &got);
+    assert_eq!(api.list().len(), 2);
     assert!(api.release(&top.chain_id, "test/deferred").unwrap());
     assert!(api.release(&bottom.chain_id, "test/deferred").unwrap());
     assert_nothing_held(&d, &mut api);

@@ -11,7 +11,8 @@
 //! lock, and it is mounted and recorded under the lock once the layer below it is. So
 //! containerd's pull does not wait for reservations and mounts, and the layers of one
 //! pull get them done side by side; WaitLayer is how a user of the mountpoint waits.
-//! A pending layer is lost with a restart (its hold was not recorded yet).
+//! A pending layer is recorded in holds.json (with its kept index) before the answer,
+//! so a restart restores and mounts it like any other hold.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
@@ -60,6 +61,16 @@ struct Pending {
 const MAX_FAILED: usize = 64;
 
 impl Holds {
+    /// What holds.json records: `layers` and the pending layers (recorded as soon as
+    /// their index is checked, so a restart finishes them like any other hold).
+    fn recorded(&self, layers: &BTreeMap<String, HeldLayer>) -> BTreeMap<String, HeldLayer> {
+        let mut all = layers.clone();
+        for (chain, p) in &self.pending {
+            all.entry(chain.clone()).or_insert_with(|| p.held.clone());
+        }
+        all
+    }
+
     /// The indexes of `chain`'s ancestry, bottom first, `chain` itself excluded.
     fn lowers(&self, parent: Option<&str>) -> Result<Vec<Arc<LayerIndex>>> {
         let Some(parent) = parent else {
@@ -229,7 +240,7 @@ impl Daemon {
                 .expect("present")
                 .owners
                 .insert(owner.to_string());
-            self.root.save_holds(&layers)?;
+            self.root.save_holds(&st.recorded(&layers))?;
             st.layers = layers;
             tracing::info!(chain = chain_hex, owner, "layer held by one more owner");
         }
@@ -287,7 +298,7 @@ impl Daemon {
             .await??;
             st.layers.insert(chain_hex.clone(), held.clone());
             st.indexes.insert(chain_hex.clone(), index.clone());
-            if let Err(e) = self.root.save_holds(&st.layers) {
+            if let Err(e) = self.root.save_holds(&st.recorded(&st.layers)) {
                 st.layers.remove(chain_hex);
                 st.indexes.remove(chain_hex);
                 let _ = holds::remove_layer_mount(&self.root, chain_hex);
@@ -387,6 +398,10 @@ impl Daemon {
                 .ok_or_else(|| anyhow!("dedupd is stopping"))?;
             let (tx, done) = watch::channel(None);
             st.failed.remove(&chain_hex);
+            // Recorded before the answer: if dedupd stops before the mount is made, the
+            // restart restores this hold like any other, and containerd's snapshot of
+            // it stays good.
+            self.root.keep_index(&held.index_digest, &blob)?;
             st.pending.insert(
                 chain_hex.clone(),
                 Pending {
@@ -395,6 +410,11 @@ impl Daemon {
                     done,
                 },
             );
+            if let Err(e) = self.root.save_holds(&st.recorded(&st.layers)) {
+                st.pending.remove(&chain_hex);
+                holds::forget_index(&self.root, &st.layers, &a.index_digest.oci());
+                return Err(e.context(format!("recording the hold of layer sha256:{chain_hex}")));
+            }
             drop(st);
             tracing::info!(
                 chain = %chain_hex,
@@ -458,7 +478,16 @@ impl Daemon {
             ))
             .into());
         }
-        p.held.owners.insert(a.owner.clone());
+        if p.held.owners.insert(a.owner.clone()) {
+            let recorded = st.recorded(&st.layers);
+            if let Err(e) = self.root.save_holds(&recorded) {
+                if let Some(p) = st.pending.get_mut(chain_hex) {
+                    p.held.owners.remove(&a.owner);
+                }
+                return Err(e);
+            }
+        }
+        let p = &st.pending[chain_hex];
         let mount = self.layer_mount(&p.held, &p.index, 0, (0, 0));
         // Its reads join this image's trace once the layer is registered.
         if let Some(this) = self.me.upgrade() {
@@ -538,6 +567,9 @@ impl Daemon {
             st.failed.remove(&k);
         }
         st.failed.insert(chain_hex.to_string(), format!("{e:#}"));
+        if let Err(e) = self.root.save_holds(&st.recorded(&st.layers)) {
+            tracing::warn!(chain = chain_hex, error = %format!("{e:#}"), "dropping a failed hold from the holds file failed; the next start tries the layer again");
+        }
         self.release_owner_if_unused(&st, owner).await;
         holds::forget_index(&self.root, &st.layers, owner);
     }
@@ -800,7 +832,7 @@ impl Daemon {
                 .expect("present")
                 .owners
                 .remove(owner);
-            self.root.save_holds(&layers)?;
+            self.root.save_holds(&st.recorded(&layers))?;
             st.layers = layers;
             tracing::info!(chain = %chain_hex, owner, "layer hold dropped; other owners keep it");
             return Ok(false);
@@ -824,7 +856,7 @@ impl Daemon {
         };
         let mut layers = st.layers.clone();
         layers.remove(&chain_hex);
-        self.root.save_holds(&layers)?;
+        self.root.save_holds(&st.recorded(&layers))?;
         st.layers = layers;
         st.indexes.remove(&chain_hex);
         self.write_mounts_file()?;
