@@ -95,24 +95,15 @@ impl Shim {
     /// A shim whose committed layers are EROFS layers held by a real dedupd
     /// (directories imported into its store at commit).
     fn start_dedup() -> Shim {
-        require_root("the snapshotter suite (overlay and bind mounts)");
-        let dir = tempfile::Builder::new()
-            .prefix("dedup-shim-")
-            .tempdir_in("/var/tmp")
-            .unwrap();
-        fs::create_dir(dir.path().join("work")).unwrap();
-        let mut s = Shim {
-            dir,
-            child: None,
-            dedupd: Some(Dedupd::start(&[]).expect("starting dedupd")),
-            insecure: None,
-        };
-        s.spawn();
-        s
+        Shim::start_dedup_with(None)
     }
 
     /// `start_dedup` for converted layers in `registry` (host:port, plain HTTP).
     fn start_dedup_for(registry: &str) -> Shim {
+        Shim::start_dedup_with(Some(registry.to_string()))
+    }
+
+    fn start_dedup_with(insecure: Option<String>) -> Shim {
         require_root("the snapshotter suite (overlay and bind mounts)");
         let dir = tempfile::Builder::new()
             .prefix("dedup-shim-")
@@ -123,7 +114,7 @@ impl Shim {
             dir,
             child: None,
             dedupd: Some(Dedupd::start(&[]).expect("starting dedupd")),
-            insecure: Some(registry.to_string()),
+            insecure,
         };
         s.spawn();
         s

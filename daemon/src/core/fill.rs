@@ -504,8 +504,8 @@ impl Core {
         // Where each asked slot stands in the caller's order (a trace's order when
         // replaying): runs go out in the order of their earliest chunk, so the data a
         // workload reads first arrives first even though runs merge neighbours.
-        let asked_at: HashMap<u64, usize> =
-            missing.iter().enumerate().map(|(i, &s)| (s, i)).collect();
+        // Built only when a call spans several runs (not for the usual single-run miss).
+        let mut asked_at: Option<HashMap<u64, usize>> = None;
         let mut later = Vec::new();
         for (group, run_prio) in [(demanded, prio), (nearby, Priority::Prefetch)] {
             for (_, claimed) in group {
@@ -517,14 +517,19 @@ impl Core {
                     self.opts.max_gap,
                     max_run,
                 );
-                runs.sort_by_key(|run| {
-                    run.chunks
-                        .iter()
-                        .filter_map(|id| slots.get(id))
-                        .filter_map(|(slot, _)| asked_at.get(slot).copied())
-                        .min()
-                        .unwrap_or(usize::MAX)
-                });
+                if runs.len() > 1 {
+                    let at = asked_at.get_or_insert_with(|| {
+                        missing.iter().enumerate().map(|(i, &s)| (s, i)).collect()
+                    });
+                    runs.sort_by_key(|run| {
+                        run.chunks
+                            .iter()
+                            .filter_map(|id| slots.get(id))
+                            .filter_map(|(slot, _)| at.get(slot).copied())
+                            .min()
+                            .unwrap_or(usize::MAX)
+                    });
+                }
                 for run in runs {
                     let run_slots: RunSlots = run
                         .chunks

@@ -223,16 +223,7 @@ impl Daemon {
         owner: &str,
     ) -> Result<(proto::LayerMount, Arc<LayerIndex>)> {
         let h = &st.layers[chain_hex];
-        if h.parent.as_deref() != parent {
-            return Err(OpError::invalid_argument(format!(
-                "parent_chain_id: layer sha256:{chain_hex} is held over parent {}, not {}",
-                h.parent
-                    .as_deref()
-                    .map_or("(none)".into(), |p| format!("sha256:{p}")),
-                parent.map_or("(none)".into(), |p| format!("sha256:{p}"))
-            ))
-            .into());
-        }
+        check_same_parent(chain_hex, h, parent)?;
         if !h.owners.contains(owner) {
             let mut layers = st.layers.clone();
             layers
@@ -467,17 +458,7 @@ impl Daemon {
         parent: Option<&str>,
     ) -> Result<proto::LayerMount> {
         let p = st.pending.get_mut(chain_hex).expect("pending");
-        if p.held.parent.as_deref() != parent {
-            return Err(OpError::invalid_argument(format!(
-                "parent_chain_id: layer sha256:{chain_hex} is held over parent {}, not {}",
-                p.held
-                    .parent
-                    .as_deref()
-                    .map_or("(none)".into(), |p| format!("sha256:{p}")),
-                parent.map_or("(none)".into(), |p| format!("sha256:{p}"))
-            ))
-            .into());
-        }
+        check_same_parent(chain_hex, &p.held, parent)?;
         if p.held.owners.insert(a.owner.clone()) {
             let recorded = st.recorded(&st.layers);
             if let Err(e) = self.root.save_holds(&recorded) {
@@ -1110,6 +1091,20 @@ fn import_dir(
         receipts: w.receipts,
         new: (w.new_chunks, w.new_bytes),
     })
+}
+
+/// A further hold of a layer must name the parent it is held over.
+fn check_same_parent(chain_hex: &str, h: &HeldLayer, parent: Option<&str>) -> Result<()> {
+    if h.parent.as_deref() == parent {
+        return Ok(());
+    }
+    let name = |p: Option<&str>| p.map_or("(none)".into(), |p| format!("sha256:{p}"));
+    Err(OpError::invalid_argument(format!(
+        "parent_chain_id: layer sha256:{chain_hex} is held over parent {}, not {}",
+        name(h.parent.as_deref()),
+        name(parent)
+    ))
+    .into())
 }
 
 fn log_acquired(
