@@ -225,31 +225,6 @@ fn selected<T: Copy>(var: &str, all: &[T], key: impl Fn(T) -> &'static str) -> R
     Ok(out)
 }
 
-/// Waits until dedupd has no fetch running or queued, at any priority.
-fn wait_until_fetches_end(dedupd: &Dedupd) -> Result<()> {
-    let start = Instant::now();
-    let mut idle_once = false;
-    loop {
-        let mut busy = 0.0;
-        for p in ["on_demand", "prefetch", "background"] {
-            busy += dedupd.metric(&format!("dedupd_fetch_slots_in_use{{priority=\"{p}\"}}"))?;
-            busy += dedupd.metric(&format!("dedupd_fetch_waiting{{priority=\"{p}\"}}"))?;
-        }
-        if busy == 0.0 {
-            if idle_once {
-                return Ok(());
-            }
-            idle_once = true;
-        } else {
-            idle_once = false;
-        }
-        if start.elapsed() > Duration::from_secs(120) {
-            bail!("dedupd still fetching 120 s after the warm-up");
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
-}
-
 fn drop_caches() -> Result<()> {
     // SAFETY: sync(2) has no preconditions.
     unsafe { libc::sync() };
@@ -471,7 +446,9 @@ impl Bench {
                 .with_context(logs)?;
             // Prefetches the warm-up queued (locality) would otherwise still be running
             // in the timed trial, sharing its link and CPU: warm means all local.
-            wait_until_fetches_end(&dedupd).with_context(logs)?;
+            dedupd
+                .wait_until_fetches_end(Duration::from_secs(120))
+                .with_context(logs)?;
             drop_caches()?;
         }
         let mark = self.reg.access_log()?.len();

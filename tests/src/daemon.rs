@@ -166,6 +166,34 @@ impl Dedupd {
             .with_context(|| format!("metric {name} not in:\n{text}"))
     }
 
+    /// Waits until no fetch is running or queued at any priority, twice in a row 100 ms
+    /// apart. A fetch slot is held until its chunks are stored, so afterwards the chunk
+    /// counters are final (a reader is released as soon as its own chunk is stored,
+    /// while the rest of its request may still be on its way to the store).
+    pub fn wait_until_fetches_end(&self, timeout: Duration) -> Result<()> {
+        let start = Instant::now();
+        let mut idle_once = false;
+        loop {
+            let mut busy = 0.0;
+            for p in ["on_demand", "prefetch", "background"] {
+                busy += self.metric(&format!("dedupd_fetch_slots_in_use{{priority=\"{p}\"}}"))?;
+                busy += self.metric(&format!("dedupd_fetch_waiting{{priority=\"{p}\"}}"))?;
+            }
+            if busy == 0.0 {
+                if idle_once {
+                    return Ok(());
+                }
+                idle_once = true;
+            } else {
+                idle_once = false;
+            }
+            if start.elapsed() > timeout {
+                bail!("dedupd still fetching after {timeout:?}");
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
     /// Stops the holder cleanly and waits for it.
     pub fn stop(&mut self) -> Result<std::process::ExitStatus> {
         let Some(mut child) = self.child.take() else {

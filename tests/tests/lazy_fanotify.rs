@@ -494,24 +494,6 @@ fn compressed_len(conv: &ConvertedImage, path: &str) -> u64 {
     idx.file_chunks(e).map(|c| c.compressed_len as u64).sum()
 }
 
-/// Waits until no fetch is in flight and the fetched count stopped moving.
-fn wait_quiet(d: &Dedupd) {
-    let start = Instant::now();
-    let mut last = -1.0;
-    loop {
-        let n = d.metric("dedupd_chunks_fetched_total").unwrap();
-        if n == last && d.metric("dedupd_inflight_fetches").unwrap() == 0.0 {
-            return;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(60),
-            "fetches still running after 60 s"
-        );
-        last = n;
-        std::thread::sleep(Duration::from_millis(300));
-    }
-}
-
 /// Reads every file of the reference tree through the mount with 8 threads and checks
 /// the bytes; afterwards every chunk was fetched at most once: each fetch sets one
 /// presence bit, so fetching a chunk twice would count more fetches than bits.
@@ -544,7 +526,7 @@ fn read_tree_checked(d: &Dedupd, mnt: &Path, reference: &Reference) {
     for h in handles {
         h.join().unwrap();
     }
-    wait_quiet(d);
+    d.wait_until_fetches_end(Duration::from_secs(60)).unwrap();
     let fetched = d.metric("dedupd_chunks_fetched_total").unwrap();
     let present = d.metric("dedupd_chunks_present").unwrap();
     println!(
@@ -600,6 +582,7 @@ fn readahead_joins_the_next_missing_chunks_of_the_pack_to_one_request() {
         read(&mnt.join(&path)).unwrap(),
         read(&reference.rootfs().join(&path)).unwrap()
     );
+    d.wait_until_fetches_end(Duration::from_secs(60)).unwrap();
     let fetched = d.metric("dedupd_chunks_fetched_total").unwrap();
     let ahead = d.metric("dedupd_readahead_chunks_total").unwrap();
     let bytes = d.metric("dedupd_bytes_fetched_total").unwrap() as u64;
@@ -640,7 +623,7 @@ fn locality_fetches_neighbours_within_its_bound_and_never_twice() {
         read(&mnt.join(&path)).unwrap(),
         read(&reference.rootfs().join(&path)).unwrap()
     );
-    wait_quiet(&d);
+    d.wait_until_fetches_end(Duration::from_secs(60)).unwrap();
     let fetched = d.metric("dedupd_chunks_fetched_total").unwrap();
     let near = d.metric("dedupd_locality_chunks_total").unwrap();
     let bytes = d.metric("dedupd_bytes_fetched_total").unwrap() as u64;
@@ -728,7 +711,7 @@ fn faults_in_read_ahead_and_locality_requests_never_give_wrong_bytes() {
             "{p}"
         );
     }
-    wait_quiet(&d);
+    d.wait_until_fetches_end(Duration::from_secs(60)).unwrap();
     let fetched = d.metric("dedupd_chunks_fetched_total").unwrap();
     println!(
         "{} files read with {} faults injected: {fetched} chunks fetched ({} read ahead, {} by locality), {} failed attempts",
