@@ -53,7 +53,12 @@ pub const MANIFEST_DIGEST_LABEL: &str = "containerd.io/snapshot/cri.manifest-dig
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("dedupd {op}: {message}")]
-    Daemon { op: &'static str, message: String },
+    Daemon {
+        op: &'static str,
+        /// The gRPC code dedupd answered with (Unavailable when it could not be reached).
+        code: tonic::Code,
+        message: String,
+    },
     #[error("{0}")]
     Invalid(String),
 }
@@ -285,6 +290,7 @@ impl Layers {
                         .block_on(dedup_daemon::client::connect(&self.socket))
                         .map_err(|e| Error::Daemon {
                             op,
+                            code: tonic::Code::Unavailable,
                             message: format!("{e:#}"),
                         })?;
                     *self.client.lock().unwrap_or_else(|e| e.into_inner()) = Some(c.clone());
@@ -301,6 +307,7 @@ impl Layers {
                 }
                 Err(Error::Daemon {
                     op,
+                    code: st.code(),
                     message: format!("{:?}: {}", st.code(), st.message()),
                 })
             }

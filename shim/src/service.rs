@@ -55,6 +55,12 @@ pub fn to_status(e: &snapshotter::Error) -> Status {
         snapshotter::Error::Layer(crate::layers::Error::Invalid(_)) => {
             Status::invalid_argument(msg)
         }
+        // A layer dedupd could not mount (or one below it): the snapshot cannot be
+        // made until it is acquired again.
+        snapshotter::Error::Layer(crate::layers::Error::Daemon {
+            code: tonic::Code::FailedPrecondition,
+            ..
+        }) => Status::failed_precondition(msg),
         _ => Status::unknown(msg),
     }
 }

@@ -1982,6 +1982,7 @@ async fn remote_layer_mount_failure_reaches_the_prepare_that_needs_it() {
         "{e:?}"
     );
     assert!(e.message().contains("File exists"), "{e:?}");
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
     let names = c.names(&[]).await.unwrap();
     assert!(!names.contains(&"container".to_string()), "{names:?}");
     // The bottom layer is fine: a view of it lists the base image's files.
