@@ -218,4 +218,29 @@ fn traces_round_trip_through_the_registry_with_the_tag_fallback() {
     let err = ctl_err(&["trace", "push", "--plain-http", s(&bad), &image]);
     assert!(err.contains("version 2"), "{err}");
     assert_eq!(fallback_index(&image, subject).manifests.len(), 2);
+
+    // The listing's blob annotation only lets the blob be fetched beside the manifest:
+    // when it names another blob (the older trace's) or none that exists, the pull
+    // still returns the trace the newest manifest names.
+    let t1_blob = dedup_image::oci::Digest::of(&t1.to_bytes()).to_string();
+    let missing = dedup_image::oci::Digest::of(b"no such blob").to_string();
+    for hint in [t1_blob, missing] {
+        let mut idx = fallback_index(&image, subject);
+        for d in &mut idx.manifests {
+            if d.digest != d1.digest {
+                d.annotations
+                    .get_or_insert_with(Default::default)
+                    .insert("vnd.dedup.trace.blob".into(), hint.clone());
+            }
+        }
+        rt.block_on(Endpoint::parse(&image, &plain()).unwrap().put_manifest(
+            Some(&fallback_tag(subject)),
+            dedup_image::oci::media_types::OCI_INDEX,
+            serde_json::to_vec(&idx).unwrap().into(),
+        ))
+        .unwrap();
+        let got = work.path().join("hinted.trace");
+        ctl_ok(&["trace", "pull", "--plain-http", &image, s(&got)]);
+        assert_eq!(std::fs::read(&got).unwrap(), t2.to_bytes(), "hint {hint}");
+    }
 }

@@ -391,12 +391,22 @@ pub async fn pull_for(ep: &Endpoint, image: &str, subject: &Digest) -> Result<Pu
         })
         .map(|(_, d)| d.clone())
         .ok_or_else(not_found)?;
-    let mdigest = newest.digest;
+    let mdigest = newest.digest.clone();
     let ctx = || format!("image {image}: trace manifest {mdigest} in repository {repo}");
-    let (mbytes, _, _) = client
-        .get_manifest(repo, mdigest.as_str())
-        .await
-        .with_context(ctx)?;
+    // The listing names the trace blob too (ANNOTATION_BLOB, set by `push`): fetch it
+    // beside the manifest instead of after it, a round trip less on a slow link. The
+    // manifest still decides: a blob it does not name is dropped and its own fetched.
+    let hinted = newest
+        .annotation(ANNOTATION_BLOB)
+        .and_then(|d| Digest::parse(d).ok());
+    let blob_ahead = async {
+        match &hinted {
+            Some(d) => Some(client.get_blob_bytes(repo, d).await),
+            None => None,
+        }
+    };
+    let (mbytes, ahead) = tokio::join!(client.get_manifest(repo, mdigest.as_str()), blob_ahead);
+    let (mbytes, _, _) = mbytes.with_context(ctx)?;
     let manifest: ImageManifest = serde_json::from_slice(&mbytes).with_context(ctx)?;
     if manifest.artifact_type.as_deref() != Some(ARTIFACT_TYPE) {
         bail!(
@@ -415,10 +425,13 @@ pub async fn pull_for(ep: &Endpoint, image: &str, subject: &Digest) -> Result<Pu
         bail!("{}: layer media type {:?}", ctx(), layer.media_type);
     }
     // get_blob_bytes verifies the digest.
-    let bytes = client
-        .get_blob_bytes(repo, &layer.digest)
-        .await
-        .with_context(|| format!("{}: trace blob {}", ctx(), layer.digest))?;
+    let bytes = match ahead {
+        Some(Ok(b)) if hinted.as_ref() == Some(&layer.digest) => b,
+        _ => client
+            .get_blob_bytes(repo, &layer.digest)
+            .await
+            .with_context(|| format!("{}: trace blob {}", ctx(), layer.digest))?,
+    };
     if bytes.len() as u64 != layer.size {
         bail!(
             "{}: trace blob {} is {} bytes, the manifest says {}",
