@@ -29,22 +29,15 @@ use dedup_image::convert::{ConvertOptions, convert_image, host_platform};
 use dedup_image::converted::{self, ConvertedImage};
 use dedup_image::endpoint::Endpoint;
 use dedup_image::index::{EntryKind, FileData};
-use dedup_image::registry::ClientOptions;
 use dedup_tests::daemon::Dedupd;
 use dedup_tests::fixtures::fixtures;
+use dedup_tests::images::plain;
 use dedup_tests::registry::Registry;
 
 const PAGE: u64 = 4096;
 const BIG_FILES: usize = 40;
 const PICKS: usize = 300;
 const THREADS: usize = 8;
-
-fn plain() -> ClientOptions {
-    ClientOptions {
-        plain_http: true,
-        ..ClientOptions::default()
-    }
-}
 
 fn drop_caches() -> Result<()> {
     // SAFETY: sync(2) has no preconditions.

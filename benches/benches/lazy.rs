@@ -41,9 +41,9 @@ use anyhow::{Context, Result, anyhow, bail};
 use dedup_image::convert::{ConvertOptions, convert_image, host_platform};
 use dedup_image::converted::{self, ConvertedImage};
 use dedup_image::endpoint::Endpoint;
-use dedup_image::registry::ClientOptions;
 use dedup_tests::daemon::Dedupd;
 use dedup_tests::fixtures::fixtures;
+use dedup_tests::images::plain;
 use dedup_tests::registry::{Registry, require_root};
 use dedup_tests::shaper::{LinkSpec, Shaper};
 
@@ -87,13 +87,6 @@ fn check_stop() -> Result<()> {
 
 // ---------------------------------------------------------------------------------------
 // Helpers
-
-fn plain() -> ClientOptions {
-    ClientOptions {
-        plain_http: true,
-        ..ClientOptions::default()
-    }
-}
 
 fn run(cmd: &mut Command) -> Result<()> {
     let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;

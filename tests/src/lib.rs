@@ -2,6 +2,7 @@ pub mod containerd;
 pub mod daemon;
 pub mod erofs_utils;
 pub mod fixtures;
+pub mod images;
 pub mod mounts;
 pub mod peers;
 pub mod proxy;

@@ -11,8 +11,8 @@ use dedup_image::converted;
 use dedup_image::endpoint::Endpoint;
 use dedup_image::fetch::{fetch_run, plan_runs};
 use dedup_image::index::{self, EntryKind, FileData, LayerIndex};
-use dedup_image::registry::ClientOptions;
 use dedup_tests::fixtures::{Fixtures, TAGS, fixtures};
+use dedup_tests::images::plain;
 use dedup_tests::registry::{Registry, require_root};
 
 fn runtime() -> tokio::runtime::Runtime {
@@ -20,13 +20,6 @@ fn runtime() -> tokio::runtime::Runtime {
         .enable_all()
         .build()
         .unwrap()
-}
-
-fn plain() -> ClientOptions {
-    ClientOptions {
-        plain_http: true,
-        ..ClientOptions::default()
-    }
 }
 
 async fn convert(src: &str, dst: &str) -> anyhow::Result<ConvertSummary> {

@@ -10,6 +10,7 @@ use dedup_image::converted;
 use dedup_image::endpoint::Endpoint;
 use dedup_image::oci::{Descriptor, ImageManifest, OciLayout, media_types};
 use dedup_image::registry::{ClientOptions, Credentials};
+use dedup_tests::images::plain;
 use dedup_tests::proxy::{Fault, FaultProxy, Rule};
 use dedup_tests::registry::{Registry, RegistryAuth};
 
@@ -18,13 +19,6 @@ fn runtime() -> tokio::runtime::Runtime {
         .enable_all()
         .build()
         .unwrap()
-}
-
-fn plain() -> ClientOptions {
-    ClientOptions {
-        plain_http: true,
-        ..ClientOptions::default()
-    }
 }
 
 fn noise(len: usize, seed: u32) -> Vec<u8> {

@@ -4,7 +4,7 @@
 
 use std::collections::BTreeSet;
 use std::ffi::CString;
-use std::io::Read;
+use std::fs::read;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
@@ -16,18 +16,11 @@ use dedup_image::convert::{ConvertOptions, convert_image, host_platform};
 use dedup_image::converted::{self, ConvertedImage};
 use dedup_image::endpoint::Endpoint;
 use dedup_image::index::{EntryKind, FileData, LayerIndex, Sha256};
-use dedup_image::registry::ClientOptions;
 use dedup_tests::daemon::Dedupd;
 use dedup_tests::fixtures::{Fixtures, fixtures};
+use dedup_tests::images::{plain, walk};
 use dedup_tests::registry::Registry;
 use tonic::Code;
-
-fn plain() -> ClientOptions {
-    ClientOptions {
-        plain_http: true,
-        ..ClientOptions::default()
-    }
-}
 
 /// Converts fixture `tag` into `reg`; returns the repository and the converted image.
 fn converted(fx: &Fixtures, reg: &Registry, tag: &str) -> (String, ConvertedImage) {
@@ -145,13 +138,6 @@ fn acquire_requests(
         .collect()
 }
 
-fn read(path: &Path) -> std::io::Result<Vec<u8>> {
-    let mut f = std::fs::File::open(path)?;
-    let mut v = Vec::new();
-    f.read_to_end(&mut v)?;
-    Ok(v)
-}
-
 /// Unpacks layer `n` of fixture `tag` (the original, unconverted image) into `dir` with
 /// GNU tar, then turns its OCI whiteouts into overlayfs ones (what containerd's
 /// applier leaves in a snapshot).
@@ -188,23 +174,6 @@ fn unpack_layer(fx: &Fixtures, tag: &str, n: usize, dir: &Path) {
             );
         }
     }
-}
-
-/// Every path under `dir` (not `dir` itself), sorted; symlinks are not followed.
-fn walk(dir: &Path) -> Vec<PathBuf> {
-    let mut out = Vec::new();
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        for e in std::fs::read_dir(&d).unwrap().flatten() {
-            let p = e.path();
-            if e.file_type().unwrap().is_dir() {
-                stack.push(p.clone());
-            }
-            out.push(p);
-        }
-    }
-    out.sort();
-    out
 }
 
 fn cpath(p: &Path) -> CString {
@@ -496,10 +465,10 @@ fn acquire_read_share_release_and_refuse_bad_requests() {
     unpack_layer(&fx, "py", 1, &python);
     let top_index = &conv.layers[1].1;
     let (path, size, chunks) = multi_chunk_file(top_index);
-    let got = read(&top_mnt.join(&path)).unwrap();
+    let got = read(top_mnt.join(&path)).unwrap();
     assert_eq!(got.len() as u64, size);
     assert!(
-        got == read(&python.join(&path)).unwrap(),
+        got == read(python.join(&path)).unwrap(),
         "/{path} differs from the layer tar"
     );
     let fetched = d.metric("dedupd_chunks_fetched_total").unwrap();
@@ -526,7 +495,7 @@ fn acquire_read_share_release_and_refuse_bad_requests() {
     assert_eq!(e.code(), Code::NotFound, "{}", e.message());
     assert!(!api.release(&top.chain_id, "test/a").unwrap());
     assert!(mounted(&top_mnt));
-    assert!(read(&top_mnt.join(&path)).unwrap() == got);
+    assert!(read(top_mnt.join(&path)).unwrap() == got);
     let e = api.release(&top.chain_id, "test/a").unwrap_err();
     assert_eq!(e.code(), Code::NotFound, "released twice: {}", e.message());
     assert!(api.release(&top.chain_id, "test/b").unwrap());
@@ -596,7 +565,7 @@ fn deferred_acquire_is_mounted_by_wait_and_reports_background_failures() {
     let held = api.list();
     assert_eq!(held.len(), 2, "{held:?}");
     let (path, size, _) = multi_chunk_file(&conv.layers[1].1);
-    let got = read(&top_mnt.join(&path)).unwrap();
+    let got = read(top_mnt.join(&path)).unwrap();
     assert_eq!(got.len() as u64, size);
     check_against_index(&conv.layers[1].1, &path, &got);
     // A second owner while nothing is pending any more, then both released.
@@ -633,7 +602,7 @@ fn deferred_acquire_is_mounted_by_wait_and_reports_background_failures() {
     };
     api.wait(&top.chain_id).unwrap();
     assert!(mounted(Path::new(&t.mountpoint)));
-    let got = read(&PathBuf::from(&t.mountpoint).join(&path)).unwrap();
+    let got = read(PathBuf::from(&t.mountpoint).join(&path)).unwrap();
     check_against_index(&conv.layers[1].1, &path, &got);
     assert_eq!(api.list().len(), 2);
     assert!(api.release(&top.chain_id, "test/deferred").unwrap());
@@ -702,7 +671,7 @@ fn import_shares_chunks_with_the_converted_layer_and_holds_survive_restarts() {
     // Its chunks are present: the converted layer mount reads them without a fetch.
     let (path, _, _) = multi_chunk_file(top_index);
     let top_mnt = PathBuf::from(&t.mountpoint);
-    check_against_index(top_index, &path, &read(&top_mnt.join(&path)).unwrap());
+    check_against_index(top_index, &path, &read(top_mnt.join(&path)).unwrap());
     assert_eq!(
         d.metric("dedupd_chunks_fetched_total").unwrap(),
         fetched_before
@@ -742,7 +711,7 @@ fn import_shares_chunks_with_the_converted_layer_and_holds_survive_restarts() {
     let mut api = Api::connect(&d);
     assert_ne!(server_pid(&mut api), pid);
     let (p, _) = &base_files[0];
-    check_against_index(base_index, p, &read(&base_mnt.join(p)).unwrap());
+    check_against_index(base_index, p, &read(base_mnt.join(p)).unwrap());
     assert!(mounted(&imp_mnt) && mounted(&top_mnt) && mounted(&base_mnt));
     println!("server {pid} killed: holds restored, /{p} read through the base layer");
 
@@ -752,9 +721,9 @@ fn import_shares_chunks_with_the_converted_layer_and_holds_survive_restarts() {
     let mut api2 = Api::connect(&d);
     assert!(mounted(&imp_mnt) && mounted(&top_mnt) && mounted(&base_mnt));
     let (p, _) = &base_files[base_files.len() / 2];
-    check_against_index(base_index, p, &read(&base_mnt.join(p)).unwrap());
+    check_against_index(base_index, p, &read(base_mnt.join(p)).unwrap());
     let files = compare_trees(&python, &imp_mnt);
-    check_against_index(top_index, &path, &read(&top_mnt.join(&path)).unwrap());
+    check_against_index(top_index, &path, &read(top_mnt.join(&path)).unwrap());
     println!("dedupd restarted: 3 holds remounted, {files} imported files identical, /{p} fetched");
     drop(api);
 
@@ -911,7 +880,7 @@ fn whiteouts_opaque_dirs_and_special_files_import_as_overlayfs_expects() {
     };
     let a = names("a");
     let o = names("o");
-    let big_ok = read(&lm.join("o/sub/big")).unwrap() == big;
+    let big_ok = read(lm.join("o/sub/big")).unwrap() == big;
     let cap_seen = xattrs(&merged.join("a/cap"));
     // A layer mount an overlay stands on cannot go: the hold stays, nothing changes.
     let busy = api.release(&lc, "test/w");
@@ -919,7 +888,7 @@ fn whiteouts_opaque_dirs_and_special_files_import_as_overlayfs_expects() {
     let e = busy.unwrap_err();
     assert_eq!(e.code(), Code::FailedPrecondition, "{}", e.message());
     println!("release under an overlay refused: {}", e.message());
-    assert!(mounted(&lm) && read(&lm.join("a/keep")).unwrap() == b"kept");
+    assert!(mounted(&lm) && read(lm.join("a/keep")).unwrap() == b"kept");
     assert!(umount.success());
     assert!(a.contains("keep") && !a.contains("gone"), "{a:?}");
     assert_eq!(o, BTreeSet::from(["new".to_string()]), "opaque dir");
@@ -957,7 +926,7 @@ fn whiteouts_opaque_dirs_and_special_files_import_as_overlayfs_expects() {
         .trim_start()
         .starts_with('Z');
     let layers_kept = mounted(&um) && mounted(&lm);
-    let merged_ok = read(&lm.join("o/sub/big")).unwrap() == big && merged.join("a/keep").exists();
+    let merged_ok = read(lm.join("o/sub/big")).unwrap() == big && merged.join("a/keep").exists();
     let umount = Command::new("umount").arg(&merged).status().unwrap();
     assert!(umount.success());
     assert!(

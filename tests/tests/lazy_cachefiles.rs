@@ -8,29 +8,21 @@
 //! (scripts/test's `vm` step) builds it by name and runs every test inside the guest,
 //! and anywhere else a missing feature fails them loudly. None is ignored.
 
-use std::collections::BTreeMap;
-use std::io::Read;
+use std::fs::read;
 use std::os::unix::fs::MetadataExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
-use dedup_image::convert::{ConvertOptions, convert_image, host_platform};
-use dedup_image::converted::{self, ConvertedImage};
 use dedup_image::endpoint::Endpoint;
-use dedup_image::index::{EntryKind, FileData};
-use dedup_image::registry::ClientOptions;
 use dedup_tests::daemon::Dedupd;
-use dedup_tests::fixtures::{Fixtures, fixtures};
+use dedup_tests::fixtures::fixtures;
+use dedup_tests::images::{Reference, convert_fixture, files_with_chunks, plain, walk};
 use dedup_tests::proxy::{Fault, FaultProxy, Rule};
 use dedup_tests::registry::Registry;
 
-fn plain() -> ClientOptions {
-    ClientOptions {
-        plain_http: true,
-        ..ClientOptions::default()
-    }
-}
+/// The test registry repository the fixtures are converted into.
+const REPO: &str = "lazy/debian";
 
 /// dedupd in cachefiles mode. Fetches are exactly what the kernel asks for (no pack
 /// readahead, no locality prefetch), so the counts below are the frontend's own.
@@ -57,99 +49,11 @@ fn start(extra: &[&str]) -> Dedupd {
     d
 }
 
-/// Converts fixture `tag` into `reg` and returns the reference and the converted image.
-fn converted(fx: &Fixtures, reg: &Registry, tag: &str) -> (String, ConvertedImage) {
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    let image = format!("{}/lazy/debian:{tag}", reg.host());
-    let src = Endpoint::parse(&fx.oci_ref(tag), &plain()).unwrap();
-    let dst = Arc::new(Endpoint::parse(&image, &plain()).unwrap());
-    rt.block_on(convert_image(&src, dst.clone(), &ConvertOptions::default()))
-        .unwrap();
-    let conv = rt
-        .block_on(converted::open(&dst, &host_platform()))
-        .unwrap();
-    (image, conv)
-}
-
-/// The image's rootfs unpacked by umoci (applies whiteouts): the reference.
-struct Reference(tempfile::TempDir);
-
-impl Reference {
-    fn unpack(fx: &Fixtures, tag: &str) -> Reference {
-        let dir = tempfile::tempdir_in("/var/tmp").unwrap();
-        let bundle = dir.path().join("bundle");
-        let out = std::process::Command::new("umoci")
-            .args(["raw", "unpack", "--image"])
-            .arg(format!("{}:{tag}", fx.layout.display()))
-            .arg(&bundle)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "umoci: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        Reference(dir)
-    }
-
-    fn rootfs(&self) -> PathBuf {
-        self.0.path().join("bundle")
-    }
-}
-
-fn read(path: &Path) -> std::io::Result<Vec<u8>> {
-    let mut f = std::fs::File::open(path)?;
-    let mut v = Vec::new();
-    f.read_to_end(&mut v)?;
-    Ok(v)
-}
-
-/// Regular files of the image's merged tree with their chunk counts (top layer wins).
-fn files_with_chunks(image: &ConvertedImage) -> BTreeMap<String, (u64, usize)> {
-    let mut out = BTreeMap::new();
-    for (_, idx) in &image.layers {
-        for e in &idx.entries {
-            let p = String::from_utf8_lossy(&e.path).into_owned();
-            match &e.kind {
-                EntryKind::File {
-                    size,
-                    data: FileData::Chunks(c),
-                } => {
-                    out.insert(p, (*size, c.len()));
-                }
-                EntryKind::File { size, .. } => {
-                    out.insert(p, (*size, 0));
-                }
-                _ => {
-                    out.remove(&p);
-                }
-            }
-        }
-    }
-    out
-}
-
 fn mount_at(d: &Dedupd, image: &str, name: &str) -> PathBuf {
     let mnt = d.scratch(name);
     d.ctl_ok(&["mount", "--plain-http", image, mnt.to_str().unwrap()])
         .unwrap();
     mnt
-}
-
-fn walk(dir: &Path) -> Vec<PathBuf> {
-    let mut out = Vec::new();
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        for e in std::fs::read_dir(&d).unwrap().flatten() {
-            let p = e.path();
-            if e.file_type().unwrap().is_dir() {
-                stack.push(p.clone());
-            }
-            out.push(p);
-        }
-    }
-    out.sort();
-    out
 }
 
 /// Cache files (`D<cookie>`) under the cachefiles cache directory, by volume.
@@ -192,7 +96,7 @@ fn fixtures_for_the_vm_are_built() {
 fn lazy_mount_fetches_only_what_is_read_and_matches_the_reference() {
     let fx = fixtures().unwrap();
     let reg = Registry::start().unwrap();
-    let (image, conv) = converted(&fx, &reg, "py");
+    let (image, conv) = convert_fixture(&fx, &reg, REPO, "py");
     let total: u64 = conv
         .layers
         .iter()
@@ -232,10 +136,10 @@ fn lazy_mount_fetches_only_what_is_read_and_matches_the_reference() {
     let reference = Reference::unpack(&fx, "py");
     let reads0 = d.metric("dedupd_cachefiles_store_reads_total").unwrap();
     let t = Instant::now();
-    let got = read(&mnt.join(path)).unwrap();
+    let got = read(mnt.join(path)).unwrap();
     let took = t.elapsed();
     assert_eq!(got.len() as u64, *size);
-    assert_eq!(got, read(&reference.rootfs().join(path)).unwrap(), "{path}");
+    assert_eq!(got, read(reference.rootfs().join(path)).unwrap(), "{path}");
     let fetched = d.metric("dedupd_chunks_fetched_total").unwrap();
     let bytes = d.metric("dedupd_chunk_bytes_written_total").unwrap();
     let reads = d.metric("dedupd_cachefiles_store_reads_total").unwrap() - reads0;
@@ -288,7 +192,7 @@ fn lazy_mount_fetches_only_what_is_read_and_matches_the_reference() {
 fn concurrent_readers_fetch_each_chunk_once() {
     let fx = fixtures().unwrap();
     let reg = Registry::start().unwrap();
-    let (image, conv) = converted(&fx, &reg, "py");
+    let (image, conv) = convert_fixture(&fx, &reg, REPO, "py");
     let d = start(&[]);
     let mnt = mount_at(&d, &image, "mnt");
     let files: Vec<(String, usize)> = files_with_chunks(&conv)
@@ -312,8 +216,8 @@ fn concurrent_readers_fetch_each_chunk_once() {
                 barrier.wait();
                 for i in 0..files.len() {
                     let (p, _) = &files[(i * 7 + t) % files.len()];
-                    let ours = read(&mnt.join(p)).unwrap();
-                    assert_eq!(ours, read(&rootfs.join(p)).unwrap(), "reader {t}: {p}");
+                    let ours = read(mnt.join(p)).unwrap();
+                    assert_eq!(ours, read(rootfs.join(p)).unwrap(), "reader {t}: {p}");
                 }
             })
         })
@@ -339,7 +243,7 @@ fn concurrent_readers_fetch_each_chunk_once() {
 fn registry_faults_never_give_wrong_bytes_and_dead_chunks_give_eio_in_time() {
     let fx = fixtures().unwrap();
     let reg = Registry::start().unwrap();
-    let (_, conv) = converted(&fx, &reg, "py");
+    let (_, conv) = convert_fixture(&fx, &reg, REPO, "py");
     let proxy = FaultProxy::start(&reg.host()).unwrap();
     let image = format!("{}/lazy/debian:py", proxy.host());
     let d = start(&["--fetch-deadline", "4"]);
@@ -362,8 +266,8 @@ fn registry_faults_never_give_wrong_bytes_and_dead_chunks_give_eio_in_time() {
         .collect();
     for p in &files {
         assert_eq!(
-            read(&mnt.join(p)).unwrap(),
-            read(&reference.rootfs().join(p)).unwrap(),
+            read(mnt.join(p)).unwrap(),
+            read(reference.rootfs().join(p)).unwrap(),
             "{p}"
         );
     }
@@ -392,7 +296,7 @@ fn registry_faults_never_give_wrong_bytes_and_dead_chunks_give_eio_in_time() {
     proxy.clear();
     proxy.add(Rule::new(Some("GET"), &pack, Fault::Corrupt, usize::MAX));
     let start = Instant::now();
-    let err = read(&mnt.join(&victim)).unwrap_err();
+    let err = read(mnt.join(&victim)).unwrap_err();
     let took = start.elapsed();
     println!("/{victim} with its pack always corrupted: {err} after {took:?} (deadline 4 s)");
     assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
@@ -402,8 +306,8 @@ fn registry_faults_never_give_wrong_bytes_and_dead_chunks_give_eio_in_time() {
     // the range is still a hole in the cache file).
     proxy.clear();
     assert_eq!(
-        read(&mnt.join(&victim)).unwrap(),
-        read(&reference.rootfs().join(&victim)).unwrap()
+        read(mnt.join(&victim)).unwrap(),
+        read(reference.rootfs().join(&victim)).unwrap()
     );
     d.ctl_ok(&["umount", mnt.to_str().unwrap()]).unwrap();
 }
@@ -412,8 +316,8 @@ fn registry_faults_never_give_wrong_bytes_and_dead_chunks_give_eio_in_time() {
 fn two_images_in_one_domain_share_the_store_cache_file() {
     let fx = fixtures().unwrap();
     let reg = Registry::start().unwrap();
-    let (py, conv_py) = converted(&fx, &reg, "py");
-    let (rebuilt, conv_rebuilt) = converted(&fx, &reg, "py-rebuilt");
+    let (py, conv_py) = convert_fixture(&fx, &reg, REPO, "py");
+    let (rebuilt, conv_rebuilt) = convert_fixture(&fx, &reg, REPO, "py-rebuilt");
     let d = start(&[]);
     let a = mount_at(&d, &py, "a");
     let b = mount_at(&d, &rebuilt, "b");
@@ -441,12 +345,12 @@ fn two_images_in_one_domain_share_the_store_cache_file() {
         })
         .expect("a multi-chunk file shared by the python layers of py and py-rebuilt");
     let reference = Reference::unpack(&fx, "py");
-    let want = read(&reference.rootfs().join(path)).unwrap();
-    assert_eq!(read(&a.join(path)).unwrap(), want, "{path} through py");
+    let want = read(reference.rootfs().join(path)).unwrap();
+    assert_eq!(read(a.join(path)).unwrap(), want, "{path} through py");
     let fetched = d.metric("dedupd_chunks_fetched_total").unwrap();
     let store_reads = d.metric("dedupd_cachefiles_store_reads_total").unwrap();
     assert_eq!(
-        read(&b.join(path)).unwrap(),
+        read(b.join(path)).unwrap(),
         want,
         "{path} through py-rebuilt"
     );
@@ -501,7 +405,7 @@ fn server_pid(d: &Dedupd) -> i32 {
 fn killing_the_server_with_readers_blocked_loses_no_read() {
     let fx = fixtures().unwrap();
     let reg = Registry::start().unwrap();
-    let (_, conv) = converted(&fx, &reg, "py");
+    let (_, conv) = convert_fixture(&fx, &reg, REPO, "py");
     let proxy = FaultProxy::start(&reg.host()).unwrap();
     let image = format!("{}/lazy/debian:py", proxy.host());
     let d = start(&[]);
@@ -540,7 +444,7 @@ fn killing_the_server_with_readers_blocked_loses_no_read() {
         let got = got.unwrap_or_else(|e| panic!("{p}: {e}\n{}", d.log()));
         assert_eq!(
             got,
-            read(&reference.rootfs().join(&p)).unwrap(),
+            read(reference.rootfs().join(&p)).unwrap(),
             "{p}: wrong bytes after the restart"
         );
     }
@@ -563,11 +467,11 @@ fn killing_the_server_with_readers_blocked_loses_no_read() {
 fn clean_stop_unmounts_and_releases_the_device() {
     let fx = fixtures().unwrap();
     let reg = Registry::start().unwrap();
-    let (image, _) = converted(&fx, &reg, "base");
+    let (image, _) = convert_fixture(&fx, &reg, REPO, "base");
     let mut d = start(&[]);
     let mnt = mount_at(&d, &image, "mnt");
     assert!(
-        read(&mnt.join("etc/os-release"))
+        read(mnt.join("etc/os-release"))
             .unwrap()
             .starts_with(b"PRETTY_NAME")
     );
@@ -589,7 +493,7 @@ fn clean_stop_unmounts_and_releases_the_device() {
 fn background_fill_is_pushed_into_the_cache_ahead_of_demand() {
     let fx = fixtures().unwrap();
     let reg = Registry::start().unwrap();
-    let (image, conv) = converted(&fx, &reg, "py");
+    let (image, conv) = convert_fixture(&fx, &reg, REPO, "py");
     let d = start(&[]);
     let mnt = d.scratch("mnt");
     d.ctl_ok(&[
@@ -634,8 +538,8 @@ fn background_fill_is_pushed_into_the_cache_ahead_of_demand() {
         .collect();
     for p in &files {
         assert_eq!(
-            read(&mnt.join(p)).unwrap(),
-            read(&reference.rootfs().join(p)).unwrap(),
+            read(mnt.join(p)).unwrap(),
+            read(reference.rootfs().join(p)).unwrap(),
             "{p}"
         );
     }

@@ -1,101 +1,21 @@
 //! dedupd in fanotify pre-content mode, end to end: a real registry, the real daemon
 //! (holder + server), real EROFS file-backed mounts under overlayfs, real readers.
 
-use std::collections::BTreeMap;
-use std::io::Read;
+use std::fs::read;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
-use dedup_image::convert::{ConvertOptions, convert_image, host_platform};
-use dedup_image::converted::{self, ConvertedImage};
-use dedup_image::endpoint::Endpoint;
-use dedup_image::index::{EntryKind, FileData};
-use dedup_image::registry::ClientOptions;
+use dedup_image::converted::ConvertedImage;
 use dedup_tests::daemon::Dedupd;
-use dedup_tests::fixtures::{Fixtures, fixtures};
+use dedup_tests::fixtures::fixtures;
+use dedup_tests::images::{Reference, convert_fixture, files_with_chunks, walk};
 use dedup_tests::proxy::{Fault, FaultProxy, Rule};
 use dedup_tests::registry::Registry;
 
-fn plain() -> ClientOptions {
-    ClientOptions {
-        plain_http: true,
-        ..ClientOptions::default()
-    }
-}
-
-/// Converts fixture `tag` into `reg` and returns the reference and the converted image.
-fn converted(fx: &Fixtures, reg: &Registry, tag: &str) -> (String, ConvertedImage) {
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    let image = format!("{}/lazy/debian:{tag}", reg.host());
-    let src = Endpoint::parse(&fx.oci_ref(tag), &plain()).unwrap();
-    let dst = Arc::new(Endpoint::parse(&image, &plain()).unwrap());
-    rt.block_on(convert_image(&src, dst.clone(), &ConvertOptions::default()))
-        .unwrap();
-    let conv = rt
-        .block_on(converted::open(&dst, &host_platform()))
-        .unwrap();
-    (image, conv)
-}
-
-/// The image's rootfs unpacked by umoci (applies whiteouts): the reference.
-struct Reference(tempfile::TempDir);
-
-impl Reference {
-    fn unpack(fx: &Fixtures, tag: &str) -> Reference {
-        let dir = tempfile::tempdir_in("/var/tmp").unwrap();
-        let bundle = dir.path().join("bundle");
-        let out = std::process::Command::new("umoci")
-            .args(["raw", "unpack", "--image"])
-            .arg(format!("{}:{tag}", fx.layout.display()))
-            .arg(&bundle)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "umoci: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        Reference(dir)
-    }
-
-    fn rootfs(&self) -> PathBuf {
-        self.0.path().join("bundle")
-    }
-}
-
-fn read(path: &Path) -> std::io::Result<Vec<u8>> {
-    let mut f = std::fs::File::open(path)?;
-    let mut v = Vec::new();
-    f.read_to_end(&mut v)?;
-    Ok(v)
-}
-
-/// Regular files of the image's merged tree with their chunk counts (top layer wins).
-fn files_with_chunks(image: &ConvertedImage) -> BTreeMap<String, (u64, usize)> {
-    let mut out = BTreeMap::new();
-    for (_, idx) in &image.layers {
-        for e in &idx.entries {
-            let p = String::from_utf8_lossy(&e.path).into_owned();
-            match &e.kind {
-                EntryKind::File {
-                    size,
-                    data: FileData::Chunks(c),
-                } => {
-                    out.insert(p, (*size, c.len()));
-                }
-                EntryKind::File { size, .. } => {
-                    out.insert(p, (*size, 0));
-                }
-                _ => {
-                    out.remove(&p);
-                }
-            }
-        }
-    }
-    out
-}
+/// The test registry repository the fixtures are converted into.
+const REPO: &str = "lazy/debian";
 
 /// dedupd with this config file text (kept beside the daemon: a restarted server reads it
 /// again).
@@ -123,7 +43,7 @@ fn mount(d: &Dedupd, image: &str) -> PathBuf {
 fn lazy_mount_fetches_only_what_is_read_and_matches_the_reference() {
     let fx = fixtures().unwrap();
     let reg = Registry::start().unwrap();
-    let (image, conv) = converted(&fx, &reg, "py");
+    let (image, conv) = convert_fixture(&fx, &reg, REPO, "py");
     let total: u64 = conv
         .layers
         .iter()
@@ -155,9 +75,9 @@ fn lazy_mount_fetches_only_what_is_read_and_matches_the_reference() {
         .find(|(p, (s, c))| p.starts_with("usr/") && (2..=8).contains(c) && *s > 1 << 20)
         .expect("a multi-chunk file under /usr");
     let reference = Reference::unpack(&fx, "py");
-    let got = read(&mnt.join(path)).unwrap();
+    let got = read(mnt.join(path)).unwrap();
     assert_eq!(got.len() as u64, *size);
-    assert_eq!(got, read(&reference.rootfs().join(path)).unwrap(), "{path}");
+    assert_eq!(got, read(reference.rootfs().join(path)).unwrap(), "{path}");
     let fetched = d.metric("dedupd_chunks_fetched_total").unwrap();
     let bytes = d.metric("dedupd_chunk_bytes_written_total").unwrap();
     println!(
@@ -198,27 +118,11 @@ fn lazy_mount_fetches_only_what_is_read_and_matches_the_reference() {
     d.ctl_ok(&["umount", mnt.to_str().unwrap()]).unwrap();
 }
 
-fn walk(dir: &Path) -> Vec<PathBuf> {
-    let mut out = Vec::new();
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        for e in std::fs::read_dir(&d).unwrap().flatten() {
-            let p = e.path();
-            if e.file_type().unwrap().is_dir() {
-                stack.push(p.clone());
-            }
-            out.push(p);
-        }
-    }
-    out.sort();
-    out
-}
-
 #[test]
 fn concurrent_readers_fetch_each_chunk_once() {
     let fx = fixtures().unwrap();
     let reg = Registry::start().unwrap();
-    let (image, conv) = converted(&fx, &reg, "py");
+    let (image, conv) = convert_fixture(&fx, &reg, REPO, "py");
     let (d, _config) = daemon_with(EXACT, &[]);
     let mnt = mount(&d, &image);
     let files: Vec<(String, usize)> = files_with_chunks(&conv)
@@ -241,8 +145,8 @@ fn concurrent_readers_fetch_each_chunk_once() {
                 barrier.wait();
                 for i in 0..files.len() {
                     let (p, _) = &files[(i * 7 + t) % files.len()];
-                    let ours = read(&mnt.join(p)).unwrap();
-                    assert_eq!(ours, read(&rootfs.join(p)).unwrap(), "reader {t}: {p}");
+                    let ours = read(mnt.join(p)).unwrap();
+                    assert_eq!(ours, read(rootfs.join(p)).unwrap(), "reader {t}: {p}");
                 }
             })
         })
@@ -266,7 +170,7 @@ fn concurrent_readers_fetch_each_chunk_once() {
 fn registry_faults_never_give_wrong_bytes_and_dead_chunks_give_eio_in_time() {
     let fx = fixtures().unwrap();
     let reg = Registry::start().unwrap();
-    let (_, conv) = converted(&fx, &reg, "py");
+    let (_, conv) = convert_fixture(&fx, &reg, REPO, "py");
     let proxy = FaultProxy::start(&reg.host()).unwrap();
     let image = format!("{}/lazy/debian:py", proxy.host());
     // Exact fetches: the victim below must not have been pulled in by a neighbour's miss.
@@ -291,8 +195,8 @@ fn registry_faults_never_give_wrong_bytes_and_dead_chunks_give_eio_in_time() {
         .collect();
     for p in &files {
         assert_eq!(
-            read(&mnt.join(p)).unwrap(),
-            read(&reference.rootfs().join(p)).unwrap(),
+            read(mnt.join(p)).unwrap(),
+            read(reference.rootfs().join(p)).unwrap(),
             "{p}"
         );
     }
@@ -321,7 +225,7 @@ fn registry_faults_never_give_wrong_bytes_and_dead_chunks_give_eio_in_time() {
     proxy.clear();
     proxy.add(Rule::new(Some("GET"), &pack, Fault::Corrupt, usize::MAX));
     let start = Instant::now();
-    let err = read(&mnt.join(&victim)).unwrap_err();
+    let err = read(mnt.join(&victim)).unwrap_err();
     let took = start.elapsed();
     println!("/{victim} with its pack always corrupted: {err} after {took:?}");
     assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
@@ -329,8 +233,8 @@ fn registry_faults_never_give_wrong_bytes_and_dead_chunks_give_eio_in_time() {
     // Once the registry is healthy again the same read succeeds.
     proxy.clear();
     assert_eq!(
-        read(&mnt.join(&victim)).unwrap(),
-        read(&reference.rootfs().join(&victim)).unwrap()
+        read(mnt.join(&victim)).unwrap(),
+        read(reference.rootfs().join(&victim)).unwrap()
     );
     d.ctl_ok(&["umount", mnt.to_str().unwrap()]).unwrap();
 }
@@ -351,7 +255,7 @@ fn server_pid(d: &Dedupd) -> i32 {
 fn killing_the_server_with_readers_blocked_loses_no_read() {
     let fx = fixtures().unwrap();
     let reg = Registry::start().unwrap();
-    let (_, conv) = converted(&fx, &reg, "py");
+    let (_, conv) = convert_fixture(&fx, &reg, REPO, "py");
     let proxy = FaultProxy::start(&reg.host()).unwrap();
     let image = format!("{}/lazy/debian:py", proxy.host());
     let d = Dedupd::start(&[]).unwrap();
@@ -389,7 +293,7 @@ fn killing_the_server_with_readers_blocked_loses_no_read() {
         let got = got.unwrap_or_else(|e| panic!("{p}: {e}"));
         assert_eq!(
             got,
-            read(&reference.rootfs().join(&p)).unwrap(),
+            read(reference.rootfs().join(&p)).unwrap(),
             "{p}: wrong bytes after the restart"
         );
     }
@@ -403,11 +307,11 @@ fn killing_the_server_with_readers_blocked_loses_no_read() {
 fn clean_stop_unmounts_and_releases_the_group() {
     let fx = fixtures().unwrap();
     let reg = Registry::start().unwrap();
-    let (image, _) = converted(&fx, &reg, "base");
+    let (image, _) = convert_fixture(&fx, &reg, REPO, "base");
     let mut d = Dedupd::start(&[]).unwrap();
     let mnt = mount(&d, &image);
     assert!(
-        read(&mnt.join("etc/os-release"))
+        read(mnt.join("etc/os-release"))
             .unwrap()
             .starts_with(b"PRETTY_NAME")
     );
@@ -426,7 +330,7 @@ fn clean_stop_unmounts_and_releases_the_group() {
 fn background_fill_fetches_the_whole_image_once() {
     let fx = fixtures().unwrap();
     let reg = Registry::start().unwrap();
-    let (image, conv) = converted(&fx, &reg, "py");
+    let (image, conv) = convert_fixture(&fx, &reg, REPO, "py");
     let d = Dedupd::start(&[]).unwrap();
     let mnt = d.scratch("mnt");
     d.ctl_ok(&[
@@ -439,7 +343,7 @@ fn background_fill_fetches_the_whole_image_once() {
     .unwrap();
     // Reads go first while the fill runs.
     assert!(
-        read(&mnt.join("usr/bin/python3.11"))
+        read(mnt.join("usr/bin/python3.11"))
             .unwrap()
             .starts_with(b"\x7fELF")
     );
@@ -514,7 +418,7 @@ fn read_tree_checked(d: &Dedupd, mnt: &Path, reference: &Reference) {
                     let Some(p) = files.get(i) else { return };
                     let rel = p.strip_prefix(&root).unwrap();
                     assert_eq!(
-                        read(&mnt.join(rel)).unwrap(),
+                        read(mnt.join(rel)).unwrap(),
                         read(p).unwrap(),
                         "{}",
                         rel.display()
@@ -568,7 +472,7 @@ fn small_python_file(conv: &ConvertedImage) -> String {
 fn readahead_joins_the_next_missing_chunks_of_the_pack_to_one_request() {
     let fx = fixtures().unwrap();
     let reg = Registry::start().unwrap();
-    let (image, conv) = converted(&fx, &reg, "py");
+    let (image, conv) = convert_fixture(&fx, &reg, REPO, "py");
     let readahead = 512 << 10;
     let (d, _config) = daemon_with(
         &format!("[fetch]\nreadahead = {readahead}\n[prefetch]\nlocality = \"off\"\n"),
@@ -579,8 +483,8 @@ fn readahead_joins_the_next_missing_chunks_of_the_pack_to_one_request() {
     let path = small_python_file(&conv);
     let log_before = reg.access_log().unwrap().len();
     assert_eq!(
-        read(&mnt.join(&path)).unwrap(),
-        read(&reference.rootfs().join(&path)).unwrap()
+        read(mnt.join(&path)).unwrap(),
+        read(reference.rootfs().join(&path)).unwrap()
     );
     d.wait_until_fetches_end(Duration::from_secs(60)).unwrap();
     let fetched = d.metric("dedupd_chunks_fetched_total").unwrap();
@@ -607,7 +511,7 @@ fn readahead_joins_the_next_missing_chunks_of_the_pack_to_one_request() {
 fn locality_fetches_neighbours_within_its_bound_and_never_twice() {
     let fx = fixtures().unwrap();
     let reg = Registry::start().unwrap();
-    let (image, conv) = converted(&fx, &reg, "py");
+    let (image, conv) = convert_fixture(&fx, &reg, REPO, "py");
     let bound: u64 = 256 << 10;
     let (d, _config) = daemon_with(
         &format!(
@@ -620,8 +524,8 @@ fn locality_fetches_neighbours_within_its_bound_and_never_twice() {
     let path = small_python_file(&conv);
     let own = compressed_len(&conv, &path);
     assert_eq!(
-        read(&mnt.join(&path)).unwrap(),
-        read(&reference.rootfs().join(&path)).unwrap()
+        read(mnt.join(&path)).unwrap(),
+        read(reference.rootfs().join(&path)).unwrap()
     );
     d.wait_until_fetches_end(Duration::from_secs(60)).unwrap();
     let fetched = d.metric("dedupd_chunks_fetched_total").unwrap();
@@ -660,8 +564,8 @@ fn locality_fetches_neighbours_within_its_bound_and_never_twice() {
     let misses_before = d.metric("dedupd_misses_total").unwrap();
     for p in &siblings {
         assert_eq!(
-            read(&mnt.join(p)).unwrap(),
-            read(&reference.rootfs().join(p)).unwrap()
+            read(mnt.join(p)).unwrap(),
+            read(reference.rootfs().join(p)).unwrap()
         );
     }
     let misses = d.metric("dedupd_misses_total").unwrap() - misses_before;
@@ -683,7 +587,7 @@ fn locality_fetches_neighbours_within_its_bound_and_never_twice() {
 fn faults_in_read_ahead_and_locality_requests_never_give_wrong_bytes() {
     let fx = fixtures().unwrap();
     let reg = Registry::start().unwrap();
-    let (_, conv) = converted(&fx, &reg, "py");
+    let (_, conv) = convert_fixture(&fx, &reg, REPO, "py");
     let proxy = FaultProxy::start(&reg.host()).unwrap();
     let image = format!("{}/lazy/debian:py", proxy.host());
     let (d, _config) = daemon_with("", &["--fetch-deadline", "10"]);
@@ -706,8 +610,8 @@ fn faults_in_read_ahead_and_locality_requests_never_give_wrong_bytes() {
         .collect();
     for p in &files {
         assert_eq!(
-            read(&mnt.join(p)).unwrap(),
-            read(&reference.rootfs().join(p)).unwrap(),
+            read(mnt.join(p)).unwrap(),
+            read(reference.rootfs().join(p)).unwrap(),
             "{p}"
         );
     }

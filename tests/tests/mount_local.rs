@@ -19,8 +19,8 @@ use dedup_daemon::store::{Store, StoreOptions};
 use dedup_image::convert::{ConvertOptions, convert_image};
 use dedup_image::converted;
 use dedup_image::endpoint::Endpoint;
-use dedup_image::registry::ClientOptions;
 use dedup_tests::fixtures::{Fixtures, TAGS, fixtures};
+use dedup_tests::images::plain;
 use dedup_tests::registry::{Registry, require_root};
 use sha2::Digest as _;
 
@@ -29,13 +29,6 @@ fn runtime() -> tokio::runtime::Runtime {
         .enable_all()
         .build()
         .unwrap()
-}
-
-fn plain() -> ClientOptions {
-    ClientOptions {
-        plain_http: true,
-        ..ClientOptions::default()
-    }
 }
 
 fn human(n: u64) -> String {

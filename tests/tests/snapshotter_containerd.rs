@@ -20,20 +20,13 @@ use dedup_daemon::trace::Trace;
 use dedup_image::convert::{ConvertOptions, convert_image, host_platform};
 use dedup_image::converted::{self, ConvertedImage};
 use dedup_image::endpoint::Endpoint;
-use dedup_image::registry::ClientOptions;
 use dedup_proto::snapshots::Kind;
 use dedup_tests::containerd::{Containerd, ProxySnapshotter, Version};
 use dedup_tests::daemon::Dedupd;
 use dedup_tests::fixtures::{Fixtures, fixtures};
+use dedup_tests::images::plain;
 use dedup_tests::registry::{Registry, require_root};
 use dedup_tests::shim::Shim;
-
-fn plain() -> ClientOptions {
-    ClientOptions {
-        plain_http: true,
-        ..ClientOptions::default()
-    }
-}
 
 /// Converts fixture `tag` into `reg` under `repo`; returns the reference and the image.
 fn convert(fx: &Fixtures, reg: &Registry, repo: &str, tag: &str) -> (String, ConvertedImage) {

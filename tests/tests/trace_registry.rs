@@ -4,38 +4,19 @@
 
 use std::path::Path;
 use std::process::{Command, Output};
-use std::sync::Arc;
 
 use dedup_daemon::trace::Trace;
 use dedup_daemon::trace::registry::{ARTIFACT_TYPE, BLOB_MEDIA_TYPE, fallback_tag};
-use dedup_image::convert::{ConvertOptions, convert_image, host_platform};
-use dedup_image::converted::{self, ConvertedImage};
+use dedup_image::converted::ConvertedImage;
 use dedup_image::endpoint::Endpoint;
 use dedup_image::oci::{ImageIndex, ImageManifest};
-use dedup_image::registry::ClientOptions;
 use dedup_tests::daemon::binary;
-use dedup_tests::fixtures::{Fixtures, fixtures};
+use dedup_tests::fixtures::fixtures;
+use dedup_tests::images::{convert_fixture, plain};
 use dedup_tests::registry::Registry;
 
-fn plain() -> ClientOptions {
-    ClientOptions {
-        plain_http: true,
-        ..ClientOptions::default()
-    }
-}
-
-fn converted(fx: &Fixtures, reg: &Registry, tag: &str) -> (String, ConvertedImage) {
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    let image = format!("{}/traces/debian:{tag}", reg.host());
-    let src = Endpoint::parse(&fx.oci_ref(tag), &plain()).unwrap();
-    let dst = Arc::new(Endpoint::parse(&image, &plain()).unwrap());
-    rt.block_on(convert_image(&src, dst.clone(), &ConvertOptions::default()))
-        .unwrap();
-    let conv = rt
-        .block_on(converted::open(&dst, &host_platform()))
-        .unwrap();
-    (image, conv)
-}
+/// The test registry repository the fixtures are converted into.
+const REPO: &str = "traces/debian";
 
 /// A complete trace of `conv` listing its first `n` chunks (skipping `skip`).
 fn make_trace(conv: &ConvertedImage, image: &str, created: u64, skip: usize, n: usize) -> Trace {
@@ -115,8 +96,8 @@ fn manifest(image: &str, digest: &dedup_image::oci::Digest) -> ImageManifest {
 fn traces_round_trip_through_the_registry_with_the_tag_fallback() {
     let fx = fixtures().unwrap();
     let reg = Registry::start().unwrap();
-    let (image, conv) = converted(&fx, &reg, "py");
-    let (other, conv_other) = converted(&fx, &reg, "py-rebuilt");
+    let (image, conv) = convert_fixture(&fx, &reg, REPO, "py");
+    let (other, conv_other) = convert_fixture(&fx, &reg, REPO, "py-rebuilt");
     assert_ne!(conv.manifest_digest, conv_other.manifest_digest);
     let work = tempfile::tempdir_in("/var/tmp").unwrap();
     let subject = &conv.manifest_digest;

@@ -6,63 +6,18 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use dedup_daemon::trace::{Trace, merge};
-use dedup_image::convert::{ConvertOptions, convert_image, host_platform};
-use dedup_image::converted::{self, ConvertedImage};
-use dedup_image::endpoint::Endpoint;
+use dedup_image::converted::ConvertedImage;
 use dedup_image::index::{EntryKind, FileData, Sha256};
-use dedup_image::registry::ClientOptions;
 use dedup_tests::daemon::Dedupd;
-use dedup_tests::fixtures::{Fixtures, fixtures};
+use dedup_tests::fixtures::fixtures;
+use dedup_tests::images::{Reference, convert_fixture};
 use dedup_tests::registry::Registry;
 
-fn plain() -> ClientOptions {
-    ClientOptions {
-        plain_http: true,
-        ..ClientOptions::default()
-    }
-}
-
-fn converted(fx: &Fixtures, reg: &Registry, tag: &str) -> (String, ConvertedImage) {
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    let image = format!("{}/traces/debian:{tag}", reg.host());
-    let src = Endpoint::parse(&fx.oci_ref(tag), &plain()).unwrap();
-    let dst = Arc::new(Endpoint::parse(&image, &plain()).unwrap());
-    rt.block_on(convert_image(&src, dst.clone(), &ConvertOptions::default()))
-        .unwrap();
-    let conv = rt
-        .block_on(converted::open(&dst, &host_platform()))
-        .unwrap();
-    (image, conv)
-}
-
-/// The image's rootfs unpacked by umoci: the reference bytes.
-struct Reference(tempfile::TempDir);
-
-impl Reference {
-    fn unpack(fx: &Fixtures, tag: &str) -> Reference {
-        let dir = tempfile::tempdir_in("/var/tmp").unwrap();
-        let out = std::process::Command::new("umoci")
-            .args(["raw", "unpack", "--image"])
-            .arg(format!("{}:{tag}", fx.layout.display()))
-            .arg(dir.path().join("bundle"))
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "umoci: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        Reference(dir)
-    }
-
-    fn rootfs(&self) -> PathBuf {
-        self.0.path().join("bundle")
-    }
-}
+/// The test registry repository the fixtures are converted into.
+const REPO: &str = "traces/debian";
 
 fn read(path: &Path) -> Vec<u8> {
     let mut f = std::fs::File::open(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
@@ -185,8 +140,8 @@ fn py_files(chunks: &BTreeMap<String, Vec<Sha256>>, skip: usize) -> Vec<String> 
 fn recorded_trace_replays_on_a_fresh_node_and_onto_a_rebuilt_image() {
     let fx = fixtures().unwrap();
     let reg = Registry::start().unwrap();
-    let (image, conv) = converted(&fx, &reg, "py");
-    let (rebuilt, conv_rebuilt) = converted(&fx, &reg, "py-rebuilt");
+    let (image, conv) = convert_fixture(&fx, &reg, REPO, "py");
+    let (rebuilt, conv_rebuilt) = convert_fixture(&fx, &reg, REPO, "py-rebuilt");
     let reference = Reference::unpack(&fx, "py");
     let work = tempfile::tempdir_in("/var/tmp").unwrap();
     let chunks = file_chunks(&conv);
@@ -362,7 +317,7 @@ fn recorded_trace_replays_on_a_fresh_node_and_onto_a_rebuilt_image() {
 fn traces_merge_and_malformed_traces_change_nothing() {
     let fx = fixtures().unwrap();
     let reg = Registry::start().unwrap();
-    let (image, conv) = converted(&fx, &reg, "py");
+    let (image, conv) = convert_fixture(&fx, &reg, REPO, "py");
     let reference = Reference::unpack(&fx, "py");
     let work = tempfile::tempdir_in("/var/tmp").unwrap();
     let chunks = file_chunks(&conv);
@@ -495,7 +450,7 @@ fn traces_merge_and_malformed_traces_change_nothing() {
 fn a_trace_recorded_with_readahead_and_locality_covers_the_workload() {
     let fx = fixtures().unwrap();
     let reg = Registry::start().unwrap();
-    let (image, conv) = converted(&fx, &reg, "py");
+    let (image, conv) = convert_fixture(&fx, &reg, REPO, "py");
     let reference = Reference::unpack(&fx, "py");
     let work = tempfile::tempdir_in("/var/tmp").unwrap();
     let chunks = file_chunks(&conv);
