@@ -638,6 +638,17 @@ pub async fn run_server(cfg: Config) -> Result<()> {
         held_traces: Default::default(),
         clients: Default::default(),
     });
+    // The HTTP clients load the system's root certificates when made: make them now,
+    // off the path of the first pull.
+    let warming = daemon.clone();
+    tokio::task::spawn_blocking(move || {
+        for plain_http in [false, true] {
+            let opts = warming.client_options(plain_http);
+            if let Err(e) = warming.clients[plain_http as usize].warm(&opts) {
+                tracing::warn!(error = %e, "making the registry HTTP client failed");
+            }
+        }
+    });
     reregister(&daemon).await;
     daemon.restore_holds().await;
 

@@ -38,15 +38,55 @@ impl EndpointError {
 }
 
 /// Registry clients by registry host, so that endpoints on the same registry share one
-/// connection pool and token cache.
+/// connection pool and token cache; all of them send through one HTTP client (see
+/// [`ClientPool::warm`]).
 #[derive(Debug, Default)]
 pub struct ClientPool {
     clients: Mutex<HashMap<String, Arc<RegistryClient>>>,
+    /// The shared HTTP client and the options it was made with.
+    http: Mutex<Option<(HttpOptions, reqwest::Client)>>,
+}
+
+/// The options an HTTP client is built from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct HttpOptions {
+    user_agent: String,
+    connect_timeout: std::time::Duration,
+    timeout: std::time::Duration,
+}
+
+impl HttpOptions {
+    fn of(opts: &ClientOptions) -> Self {
+        HttpOptions {
+            user_agent: opts.user_agent.clone(),
+            connect_timeout: opts.connect_timeout,
+            timeout: opts.timeout,
+        }
+    }
 }
 
 impl ClientPool {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// Makes the shared HTTP client for `opts` now, so the first pull does not wait for
+    /// it (blocking: several milliseconds of CPU).
+    pub fn warm(&self, opts: &ClientOptions) -> Result<(), RegistryError> {
+        self.http(opts).map(|_| ())
+    }
+
+    fn http(&self, opts: &ClientOptions) -> Result<reqwest::Client, RegistryError> {
+        let want = HttpOptions::of(opts);
+        let mut http = self.http.lock().unwrap();
+        match &*http {
+            Some((made, c)) if *made == want => Ok(c.clone()),
+            _ => {
+                let c = crate::registry::client::http_client(opts)?;
+                *http = Some((want, c.clone()));
+                Ok(c)
+            }
+        }
     }
 
     /// The client for `registry`, created with `opts` the first time.
@@ -59,7 +99,11 @@ impl ClientPool {
         if let Some(c) = clients.get(registry) {
             return Ok(c.clone());
         }
-        let c = Arc::new(RegistryClient::new(registry, opts)?);
+        let c = Arc::new(RegistryClient::new_sharing(
+            registry,
+            opts,
+            self.http(opts)?,
+        )?);
         clients.insert(registry.to_string(), c.clone());
         Ok(c)
     }

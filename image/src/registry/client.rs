@@ -179,6 +179,22 @@ impl Req<'_> {
     }
 }
 
+fn http_builder(opts: &ClientOptions) -> reqwest::ClientBuilder {
+    reqwest::Client::builder()
+        .user_agent(opts.user_agent.clone())
+        .connect_timeout(opts.connect_timeout)
+        .read_timeout(opts.timeout)
+        .pool_idle_timeout(Duration::from_secs(90))
+        .tcp_nodelay(true)
+}
+
+/// The HTTP client registry clients made with `opts` share (for hosts without TLS
+/// settings of their own). Building one loads the system's root certificates, several
+/// milliseconds of CPU: a long-lived process makes it once, ahead of its first pull.
+pub fn http_client(opts: &ClientOptions) -> Result<reqwest::Client, RegistryError> {
+    http_builder(opts).build().map_err(RegistryError::Client)
+}
+
 /// Whether a failure on one host is worth trying the next host for: anything but an
 /// invalid argument (which fails the same everywhere).
 fn falls_back(e: &RegistryError) -> bool {
@@ -190,9 +206,19 @@ impl RegistryClient {
     /// `registry-1.docker.io`), with the mirrors configured for it in
     /// [`ClientOptions::hosts_dir`], if any.
     pub fn new(registry: &str, opts: &ClientOptions) -> Result<Self, RegistryError> {
+        Self::new_sharing(registry, opts, http_client(opts)?)
+    }
+
+    /// As [`RegistryClient::new`], sending through `shared` (made by [`http_client`]
+    /// with the same options) wherever a host needs no TLS settings of its own.
+    pub fn new_sharing(
+        registry: &str,
+        opts: &ClientOptions,
+        shared: reqwest::Client,
+    ) -> Result<Self, RegistryError> {
         validate_registry(registry).map_err(RegistryError::Invalid)?;
         let hosts = hosts::hosts_for(opts.hosts_dir.as_deref(), registry, opts.plain_http)?;
-        Self::with_hosts(registry, hosts, opts)
+        Self::with_hosts_sharing(registry, hosts, opts, shared)
     }
 
     /// A client for `registry` served by `hosts`, in order (mirrors first, then the
@@ -206,21 +232,22 @@ impl RegistryClient {
         hosts: Vec<RegistryHost>,
         opts: &ClientOptions,
     ) -> Result<Self, RegistryError> {
+        Self::with_hosts_sharing(registry, hosts, opts, http_client(opts)?)
+    }
+
+    fn with_hosts_sharing(
+        registry: &str,
+        hosts: Vec<RegistryHost>,
+        opts: &ClientOptions,
+        shared: reqwest::Client,
+    ) -> Result<Self, RegistryError> {
         validate_registry(registry).map_err(RegistryError::Invalid)?;
         if hosts.is_empty() {
             return Err(RegistryError::Invalid(format!(
                 "no hosts configured for registry {registry}"
             )));
         }
-        let builder = || {
-            reqwest::Client::builder()
-                .user_agent(opts.user_agent.clone())
-                .connect_timeout(opts.connect_timeout)
-                .read_timeout(opts.timeout)
-                .pool_idle_timeout(Duration::from_secs(90))
-                .tcp_nodelay(true)
-        };
-        let shared = builder().build().map_err(RegistryError::Client)?;
+        let builder = || http_builder(opts);
         let last = hosts.len() - 1;
         let mut built = Vec::with_capacity(hosts.len());
         for (i, config) in hosts.into_iter().enumerate() {
