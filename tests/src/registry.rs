@@ -37,7 +37,7 @@ pub fn require_root(what: &str) {
     if euid != 0 {
         panic!(
             "{what} needs root (euid 0), but this test runs as euid {euid}. \
-             Run the tests as root (e.g. `sudo scripts/test`); they never skip."
+             Run the tests as root (`scripts/test`); they never skip."
         );
     }
 }
