@@ -28,10 +28,9 @@ use anyhow::{Context, Result, anyhow, bail};
 use dedup_image::convert::{ConvertOptions, convert_image, host_platform};
 use dedup_image::converted::{self, ConvertedImage};
 use dedup_image::endpoint::Endpoint;
-use dedup_image::index::{EntryKind, FileData};
 use dedup_tests::daemon::Dedupd;
 use dedup_tests::fixtures::fixtures;
-use dedup_tests::images::plain;
+use dedup_tests::images::{merged_files, plain};
 use dedup_tests::registry::Registry;
 
 const PAGE: u64 = 4096;
@@ -47,24 +46,11 @@ fn drop_caches() -> Result<()> {
 
 /// The largest regular files of the merged tree (path, size).
 fn big_files(image: &ConvertedImage) -> Vec<(String, u64)> {
-    let mut all = BTreeMap::new();
-    for (_, idx) in &image.layers {
-        for e in &idx.entries {
-            let p = String::from_utf8_lossy(&e.path).into_owned();
-            match &e.kind {
-                EntryKind::File {
-                    size,
-                    data: FileData::Chunks(_),
-                } => {
-                    all.insert(p, *size);
-                }
-                _ => {
-                    all.remove(&p);
-                }
-            }
-        }
-    }
-    let mut v: Vec<(String, u64)> = all.into_iter().filter(|(_, s)| *s >= 64 << 10).collect();
+    let mut v: Vec<(String, u64)> = merged_files(image)
+        .into_iter()
+        .filter(|(_, f)| !f.chunks.is_empty() && f.size >= 64 << 10)
+        .map(|(p, f)| (p, f.size))
+        .collect();
     v.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
     v.truncate(BIG_FILES);
     v

@@ -55,10 +55,10 @@ use anyhow::{Context, Result, bail};
 use dedup_daemon::trace::format::Trace;
 use dedup_image::convert::{ConvertOptions, convert_image, host_platform};
 use dedup_image::endpoint::Endpoint;
-use dedup_image::registry::ClientOptions;
 use dedup_tests::containerd::{Containerd, ProxySnapshotter, Version};
 use dedup_tests::daemon::Dedupd;
 use dedup_tests::fixtures::fixtures;
+use dedup_tests::images::plain;
 use dedup_tests::peers::{
     self, Estargz, ProxyDaemon, TestCa, TlsFront, ctr_remote_command, soci_command,
 };
@@ -550,11 +550,7 @@ impl Bench {
 fn compressed_bytes_of_trace(file: &std::path::Path, image: &str) -> Result<u64> {
     let trace =
         Trace::parse(&std::fs::read(file)?).with_context(|| format!("trace {}", file.display()))?;
-    let opts = ClientOptions {
-        plain_http: true,
-        ..ClientOptions::default()
-    };
-    let ep = Endpoint::parse(image, &opts)?;
+    let ep = Endpoint::parse(image, &plain())?;
     let conv = tokio::runtime::Runtime::new()?
         .block_on(dedup_image::converted::open(&ep, &host_platform()))
         .with_context(|| format!("reading the converted image {image}"))?;
@@ -686,10 +682,7 @@ fn main() -> Result<()> {
     }
     if systems.iter().any(|s| s.is_dedup()) {
         let t = Instant::now();
-        let opts = ClientOptions {
-            plain_http: true,
-            ..ClientOptions::default()
-        };
+        let opts = plain();
         let src = Endpoint::parse(&fx.oci_ref("py"), &opts)?;
         // The same converted image in a repository per use: traces are stored per
         // repository, beside the image.

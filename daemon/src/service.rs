@@ -86,17 +86,13 @@ pub struct Daemon {
     /// One registry client per registry (and plain-HTTP choice), shared by every image,
     /// layer and trace lookup: their requests reuse warm connections (on a slow link a
     /// new connection costs a round trip).
-    clients: [ClientPool; 2],
+    clients: ClientPool,
 }
 
 impl Daemon {
     /// An endpoint for `spec` (host/repo[:tag|@digest]) on the daemon's shared clients.
     fn endpoint(&self, spec: &str, plain_http: bool) -> Result<Endpoint, EndpointError> {
-        Endpoint::parse_in(
-            spec,
-            &self.client_options(plain_http),
-            &self.clients[plain_http as usize],
-        )
+        Endpoint::parse_in(spec, &self.client_options(plain_http), &self.clients)
     }
 
     fn client_options(&self, plain_http: bool) -> ClientOptions {
@@ -638,15 +634,12 @@ pub async fn run_server(cfg: Config) -> Result<()> {
         held_traces: Default::default(),
         clients: Default::default(),
     });
-    // The HTTP clients load the system's root certificates when made: make them now,
-    // off the path of the first pull.
+    // The HTTP client loads the system's root certificates when made: make it now, off
+    // the path of the first pull.
     let warming = daemon.clone();
     tokio::task::spawn_blocking(move || {
-        for plain_http in [false, true] {
-            let opts = warming.client_options(plain_http);
-            if let Err(e) = warming.clients[plain_http as usize].warm(&opts) {
-                tracing::warn!(error = %e, "making the registry HTTP client failed");
-            }
+        if let Err(e) = warming.clients.warm(&warming.client_options(false)) {
+            tracing::warn!(error = %e, "making the registry HTTP client failed");
         }
     });
     reregister(&daemon).await;

@@ -37,12 +37,12 @@ impl EndpointError {
     }
 }
 
-/// Registry clients by registry host, so that endpoints on the same registry share one
-/// connection pool and token cache; all of them send through one HTTP client (see
-/// [`ClientPool::warm`]).
+/// Registry clients by registry host (and plain-HTTP choice), so that endpoints on the
+/// same registry share one connection pool and token cache; all of them send through
+/// one HTTP client (see [`ClientPool::warm`]).
 #[derive(Debug, Default)]
 pub struct ClientPool {
-    clients: Mutex<HashMap<String, Arc<RegistryClient>>>,
+    clients: Mutex<HashMap<(String, bool), Arc<RegistryClient>>>,
     /// The shared HTTP client and the options it was made with.
     http: Mutex<Option<(HttpOptions, reqwest::Client)>>,
 }
@@ -89,14 +89,16 @@ impl ClientPool {
         }
     }
 
-    /// The client for `registry`, created with `opts` the first time.
+    /// The client for `registry` over HTTPS or, with `opts.plain_http`, plain HTTP,
+    /// created with `opts` the first time.
     pub fn get(
         &self,
         registry: &str,
         opts: &ClientOptions,
     ) -> Result<Arc<RegistryClient>, RegistryError> {
+        let key = (registry.to_string(), opts.plain_http);
         let mut clients = self.clients.lock().unwrap();
-        if let Some(c) = clients.get(registry) {
+        if let Some(c) = clients.get(&key) {
             return Ok(c.clone());
         }
         let c = Arc::new(RegistryClient::new_sharing(
@@ -104,7 +106,7 @@ impl ClientPool {
             opts,
             self.http(opts)?,
         )?);
-        clients.insert(registry.to_string(), c.clone());
+        clients.insert(key, c.clone());
         Ok(c)
     }
 }

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use dedup_image::convert::{ConvertOptions, convert_image, host_platform};
 use dedup_image::converted::{self, ConvertedImage};
 use dedup_image::endpoint::Endpoint;
-use dedup_image::index::{EntryKind, FileData};
+use dedup_image::index::{EntryKind, FileData, LayerIndex};
 use dedup_image::registry::ClientOptions;
 
 use crate::fixtures::Fixtures;
@@ -69,22 +69,36 @@ impl Reference {
     }
 }
 
-/// Regular files of the image's merged tree with their sizes and chunk counts (the top
-/// layer wins; a file without chunks counts 0).
-pub fn files_with_chunks(image: &ConvertedImage) -> BTreeMap<String, (u64, usize)> {
+/// A regular file of an image's merged tree, as the topmost layer holding it has it.
+pub struct MergedFile<'a> {
+    /// That layer's index (the file's chunk ids point into its `chunks`).
+    pub layer: &'a LayerIndex,
+    pub size: u64,
+    /// The file's chunk ids; empty for a file whose bytes are inline in the index.
+    pub chunks: &'a [u32],
+}
+
+/// Regular files of the image's merged tree (the top layer wins; whatever else a layer
+/// puts at a path hides the file below).
+pub fn merged_files(image: &ConvertedImage) -> BTreeMap<String, MergedFile<'_>> {
     let mut out = BTreeMap::new();
     for (_, idx) in &image.layers {
         for e in &idx.entries {
             let p = String::from_utf8_lossy(&e.path).into_owned();
             match &e.kind {
-                EntryKind::File {
-                    size,
-                    data: FileData::Chunks(c),
-                } => {
-                    out.insert(p, (*size, c.len()));
-                }
-                EntryKind::File { size, .. } => {
-                    out.insert(p, (*size, 0));
+                EntryKind::File { size, data } => {
+                    let chunks = match data {
+                        FileData::Chunks(c) => c.as_slice(),
+                        _ => &[],
+                    };
+                    out.insert(
+                        p,
+                        MergedFile {
+                            layer: idx,
+                            size: *size,
+                            chunks,
+                        },
+                    );
                 }
                 _ => {
                     out.remove(&p);
@@ -93,6 +107,15 @@ pub fn files_with_chunks(image: &ConvertedImage) -> BTreeMap<String, (u64, usize
         }
     }
     out
+}
+
+/// Regular files of the image's merged tree with their sizes and chunk counts (a file
+/// without chunks counts 0).
+pub fn files_with_chunks(image: &ConvertedImage) -> BTreeMap<String, (u64, usize)> {
+    merged_files(image)
+        .into_iter()
+        .map(|(p, f)| (p, (f.size, f.chunks.len())))
+        .collect()
 }
 
 /// Every path below `dir` (not `dir` itself), sorted; directories are descended into,

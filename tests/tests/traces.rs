@@ -10,10 +10,10 @@ use std::time::{Duration, Instant};
 
 use dedup_daemon::trace::{Trace, merge};
 use dedup_image::converted::ConvertedImage;
-use dedup_image::index::{EntryKind, FileData, Sha256};
+use dedup_image::index::Sha256;
 use dedup_tests::daemon::Dedupd;
 use dedup_tests::fixtures::fixtures;
-use dedup_tests::images::{Reference, convert_fixture};
+use dedup_tests::images::{Reference, convert_fixture, merged_files};
 use dedup_tests::registry::Registry;
 
 /// The test registry repository the fixtures are converted into.
@@ -29,28 +29,17 @@ fn read(path: &Path) -> Vec<u8> {
 
 /// Regular files of the merged tree and their chunk digests (top layer wins).
 fn file_chunks(image: &ConvertedImage) -> BTreeMap<String, Vec<Sha256>> {
-    let mut out = BTreeMap::new();
-    for (_, idx) in &image.layers {
-        for e in &idx.entries {
-            let p = String::from_utf8_lossy(&e.path).into_owned();
-            match &e.kind {
-                EntryKind::File {
-                    data: FileData::Chunks(ids),
-                    ..
-                } => {
-                    let ds = ids.iter().map(|&i| idx.chunks[i as usize].digest).collect();
-                    out.insert(p, ds);
-                }
-                EntryKind::File { .. } => {
-                    out.insert(p, Vec::new());
-                }
-                _ => {
-                    out.remove(&p);
-                }
-            }
-        }
-    }
-    out
+    merged_files(image)
+        .into_iter()
+        .map(|(p, f)| {
+            let ds = f
+                .chunks
+                .iter()
+                .map(|&i| f.layer.chunks[i as usize].digest)
+                .collect();
+            (p, ds)
+        })
+        .collect()
 }
 
 fn all_chunks(image: &ConvertedImage) -> BTreeSet<Sha256> {

@@ -353,7 +353,6 @@ impl Daemon {
     async fn hold_remote_layer(&self, a: &AcquireLayer) -> Result<proto::LayerMount> {
         let chain_hex = a.chain.hex();
         let parent = a.parent.map(|p| p.hex());
-        let asked = Instant::now();
         let mut st = self.layers.lock().await;
         if st.layers.contains_key(&chain_hex) {
             let (mount, index) =
@@ -414,7 +413,6 @@ impl Daemon {
                 owner = %a.owner,
                 fetched_ms = fetched.as_millis() as u64,
                 recorded_ms = (started.elapsed() - fetched).as_millis() as u64,
-                locked_ms = (started - asked).as_millis() as u64,
                 fetched_ahead,
                 "layer index checked; reserving and mounting in the background"
             );
