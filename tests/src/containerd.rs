@@ -66,7 +66,6 @@ pub struct Containerd {
     /// containerd's PATH (the shim and, for 2.1, mkfs.erofs are looked up there).
     path_env: String,
     namespace: String,
-    run_existed: Vec<(PathBuf, bool)>,
     child: Option<Child>,
     socket: PathBuf,
     // Last: removed after containerd is stopped.
@@ -74,6 +73,39 @@ pub struct Containerd {
 }
 
 static INSTANCES: AtomicUsize = AtomicUsize::new(0);
+
+/// The directories containerd's shims create under /run (the socket directory is not
+/// configurable), and which of them the running instances of this process created.
+const RUN_DIRS: [&str; 2] = ["/run/containerd/s", "/run/containerd"];
+
+/// Live instances in this process, and the /run directories that did not exist when
+/// the first of them started: the last one to stop removes those (if empty). Tests run
+/// side by side, so a per-instance record would leave them behind when an instance
+/// that found them stops last.
+static RUN_USERS: std::sync::Mutex<(usize, Vec<PathBuf>)> = std::sync::Mutex::new((0, Vec::new()));
+
+fn enter_run_dirs() {
+    let mut users = RUN_USERS.lock().unwrap_or_else(|e| e.into_inner());
+    if users.0 == 0 {
+        users.1 = RUN_DIRS
+            .iter()
+            .map(PathBuf::from)
+            .filter(|p| !p.exists())
+            .collect();
+    }
+    users.0 += 1;
+}
+
+fn leave_run_dirs() {
+    let mut users = RUN_USERS.lock().unwrap_or_else(|e| e.into_inner());
+    users.0 -= 1;
+    if users.0 == 0 {
+        for p in users.1.drain(..) {
+            // Only if empty: a containerd of another process may be using it.
+            let _ = fs::remove_dir(p);
+        }
+    }
+}
 
 const SYSTEM_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
@@ -113,21 +145,18 @@ impl Containerd {
         };
         let cfg_path = d.join("config.toml");
         fs::write(&cfg_path, cfg)?;
-        let run_existed = ["/run/containerd/s", "/run/containerd"]
-            .iter()
-            .map(|p| (PathBuf::from(p), Path::new(p).exists()))
-            .collect();
         let namespace = format!(
             "dedupctd{}x{}",
             std::process::id(),
             INSTANCES.fetch_add(1, Ordering::SeqCst)
         );
+        // Paired with the leave in Drop: `c` is dropped on every path from here.
+        enter_run_dirs();
         let mut c = Containerd {
             version,
             bin_dir,
             path_env,
             namespace,
-            run_existed,
             child: None,
             socket,
             dir,
@@ -393,12 +422,7 @@ impl Drop for Containerd {
             }
             let _ = fs::remove_dir(Path::new(base).join(&self.namespace));
         }
-        for (p, existed) in &self.run_existed {
-            if !existed {
-                // Only if empty: another containerd may be using it by now.
-                let _ = fs::remove_dir(p);
-            }
-        }
+        leave_run_dirs();
     }
 }
 
